@@ -167,6 +167,13 @@ def test_same_seed_same_cohort_other_seed_other_cohort(tmp_path: Path) -> None:
         assert np.array_equal(_array(a.mask), _array(b.mask))
 
 
+def test_mixed_alternates_standard_and_hard_subjects(tmp_path: Path, standard: Path, hard: Path) -> None:
+    mixed = make_anomaly_cohort(tmp_path / "mixed", subjects=6, spacing=SPACING, seed=3, difficulty="mixed")
+    for index, rows in enumerate(zip(*(read_manifest(m).rows for m in (mixed, standard, hard)), strict=True)):
+        same_as = rows[1] if index % 2 == 0 else rows[2]
+        assert np.array_equal(_array(rows[0].images["flair"]), _array(same_as.images["flair"]))
+
+
 def test_template_ventricles_are_bilateral_csf_of_plausible_volume() -> None:
     anatomy = load_anatomy(SPACING)
     ventricles = anatomy.ventricles >= 0.5

@@ -321,6 +321,9 @@ def test_onls_normalisation_clips_and_inverts():
     assert out.min() == -1.0 and out.max() == 1.0
     restored = restore_intensity(out, stats)[:, 0]
     np.testing.assert_allclose(restored, np.minimum(volume, v995), rtol=1e-5, atol=1e-4)
+    single = restore_intensity(out[:, 0], stats)  # one channel as [S, H, W] comes back as [S, H, W]
+    assert single.shape == volume.shape
+    np.testing.assert_allclose(single, restored, rtol=1e-6)
     assert IntensityStats.from_dict(json.loads(json.dumps(stats.to_dict()))) == stats
 
 

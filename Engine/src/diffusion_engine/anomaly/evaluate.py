@@ -4,7 +4,9 @@ with the paper's Table 1 protocol (metric definitions: ``diffusion_engine.metric
     evaluation = run_evaluation("model", "cohort/manifest.csv", split="test")
     write_evaluation(evaluation, "results/")      # results.md, results.json, figure.png
 
-Every AnoFPDM variant is a settings change passed to ``pipeline.segment_slices`` (no copy of the algorithm):
+Every AnoFPDM variant is a settings change run through the pipeline's own code (``run_forward`` and
+``segment_from_forward``, what ``segment_slices`` runs: no copy of the algorithm). Variants that change only the
+post-processing (last_sam, fixed_threshold) reuse the forward pass of anofpdm; their time includes that pass:
 
     anofpdm          AnoFPDM (DDIM): deterministic encoding, dynamic t_e and Q* (the model's calibration)
     anofpdm_ddpm     stochastic (DDPM) encoding; thr_01 and M_max stay the calibrated (DDIM) ones unless the model
@@ -180,18 +182,34 @@ def default_settings(bundle: ModelBundle, **overrides: Any) -> AnomalySettings:
 # ------------------------------------------------------------------------------------------------ methods
 
 
+def _forward_pass(bundle: ModelBundle, data: SliceSet, settings: AnomalySettings, values: dict, label: str,
+                  cache: dict[tuple, tuple[Any, float]]) -> tuple[Any, float]:
+    """(ForwardRun, its seconds), shared by the variants that differ only in post-processing (aggregation, fixed
+    threshold): each such variant is timed as the forward pass plus its own post-processing."""
+    from .pipeline import FORWARD_PASS_KEYS, run_forward
+
+    key = (*(repr(getattr(settings, name)) for name in FORWARD_PASS_KEYS), repr(values["w"]["value"]))
+    if key not in cache:
+        started = time.perf_counter()
+        run = run_forward(bundle, data.images, settings, w=values["w"]["value"], task=label)
+        cache[key] = run, time.perf_counter() - started
+    return cache[key]
+
+
 def _run_anofpdm(bundle: ModelBundle, data: SliceSet, base: AnomalySettings, variant: Variant, areas: np.ndarray,
-                 split: str, extra: dict[str, Any]) -> MethodRun:
+                 split: str, extra: dict[str, Any], cache: dict[tuple, tuple[Any, float]]) -> MethodRun:
     import torch
 
     from .decision import is_unhealthy, mixed_setting_masks
-    from .pipeline import segment_slices
+    from .pipeline import model_spec, resolve_values, segment_from_forward
 
     changes = {**dict(variant.changes), **extra}
-    settings = replace(base, decision=False, **changes)
+    settings = replace(base, decision=False, **changes).validate()
+    values = resolve_values(bundle, settings, len(model_spec(bundle).scored))
+    run, forward_seconds = _forward_pass(bundle, data, settings, values, f"{variant.label} ({split})", cache)
     started = time.perf_counter()
-    results = segment_slices(bundle, data.images, settings, pixel_area_mm2=areas, task=f"{variant.label} ({split})")
-    seconds = time.perf_counter() - started
+    results = segment_from_forward(run, settings, values, pixel_area_mm2=areas)
+    seconds = forward_seconds + time.perf_counter() - started
     thr_01 = results.values.get("thr_01", {}).get("value")
     if thr_01 is None:
         raise ModelError("the model has no calibrated thr_01, which the mixed setting needs", path=bundle.path,
@@ -311,6 +329,7 @@ def run_evaluation(model: Any, manifest: str | os.PathLike[str], *, split: str =
     val_limits = None if val is None else component_limits(len(val), base.min_component_mm2, pixel_areas(val))
 
     runs: dict[str, MethodRun] = {}
+    forward_cache: dict[tuple, tuple[Any, float]] = {}
     for key in chosen:
         variant = VARIANTS[key]
         if variant.kind == "anofpdm":
@@ -318,7 +337,7 @@ def run_evaluation(model: Any, manifest: str | os.PathLike[str], *, split: str =
             if key in DERIVED:
                 name, value, derived = _derived_setting(key, runs.get("anofpdm"), given[key])
                 extra[name] = value
-            runs[key] = _run_anofpdm(bundle, data, base, variant, areas, split, extra)
+            runs[key] = _run_anofpdm(bundle, data, base, variant, areas, split, extra, forward_cache)
             if derived:
                 runs[key].parameters["ablation"] = derived
         else:

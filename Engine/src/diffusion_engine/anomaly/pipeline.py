@@ -531,7 +531,18 @@ def segment_slices(bundle: ModelBundle, slices: np.ndarray | torch.Tensor, setti
     data = _as_tensor(slices, spec)
     values = resolve_values(bundle, settings, len(spec.scored))
     run = run_forward(bundle, data, settings, w=values["w"]["value"], task=task)
+    return segment_from_forward(run, settings, values, pixel_area_mm2=pixel_area_mm2)
 
+
+# settings that change the forward pass itself; the others only post-process its statistics
+FORWARD_PASS_KEYS = ("w", "t_max", "stride", "encoding", "noise_scale", "early_stop", "seed")
+
+
+def segment_from_forward(run: ForwardRun, settings: AnomalySettings, values: dict, *,
+                         pixel_area_mm2: float | np.ndarray | None = None) -> SliceResults:
+    """Decision, anomaly map, Algorithm-1 threshold and masks from one forward pass; ``values`` as resolve_values
+    gives them. Settings outside FORWARD_PASS_KEYS can change here without a new pass."""
+    count = run.peak_step.shape[0]
     cosine = cosine_similarity(run.mse_healthy, run.mse_reference)
     if settings.decision:
         unhealthy = is_unhealthy(cosine, values["thr_01"]["value"])
@@ -542,7 +553,7 @@ def segment_slices(bundle: ModelBundle, slices: np.ndarray | torch.Tensor, setti
     result = segment(maps, run.peak_divergence, None if m_max is None else torch.tensor(m_max, dtype=torch.float64),
                      quantile=settings.quantile, threshold=settings.threshold,
                      median_size=None if settings.median_size == 1 else settings.median_size, max_component_size=0)
-    limits = component_limits(data.shape[0], settings.min_component_mm2, pixel_area_mm2)
+    limits = component_limits(count, settings.min_component_mm2, pixel_area_mm2)
     mask = result.mask.clone()
     for limit in np.unique(limits):
         rows = torch.from_numpy(np.flatnonzero(limits == limit))

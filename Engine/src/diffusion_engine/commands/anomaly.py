@@ -65,13 +65,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="model folder (default: the bundled demo model, trained on synthetic phantoms)")
     parser.add_argument("--input", nargs="+", required=True, metavar="IMAGE",
                         help="one image per modality of the model, in its order (e.g. FLAIR.nii.gz T2.nii.gz); "
-                             "all on the same voxel grid")
+                             "all on the same voxel grid. 'demo': the bundled demo case (a phantom with a tumour)")
     parser.add_argument("--output-label", required=True, metavar="FILE",
                         help="lesion label map to write (.nrrd, .nii.gz, .mha): 1 = lesion, 0 = background")
     parser.add_argument("--output-map", metavar="FILE", help="anomaly score map to write (higher = more abnormal)")
     parser.add_argument("--report", metavar="FILE.json",
                         help="JSON report: per slice noise level t_e, threshold, healthy/unhealthy decision, "
                              "divergence curve; lesion volume in mL")
+    parser.add_argument("--figure", metavar="FILE.png",
+                        help="picture to look at: the slices with the most lesion (anomaly map and lesion outline "
+                             "over the first input) and every slice's divergence curve")
 
     values = parser.add_argument_group("calibrated values (default: those stored in the model by `diffusion-engine "
                                        "calibrate anomaly`)")
@@ -126,22 +129,28 @@ def _check_outputs(inputs: list[str], outputs: list[Path]) -> None:
     resolved = [p.resolve() for p in outputs]
     if len(set(resolved)) != len(resolved):
         raise InputError("two outputs have the same file name", path=", ".join(map(str, outputs)),
-                         fix="give --output-label, --output-map and --report different names")
+                         fix="give --output-label, --output-map, --report and --figure different names")
     sources = {Path(p).resolve() for p in inputs}
     for path, full in zip(outputs, resolved, strict=True):
         if full in sources:
             raise InputError("an output would overwrite an input image", path=path, fix="choose another output name")
 
 
-def write_outputs(result: Any, label: Path, score_map: Path | None, report: Path | None) -> dict[str, str]:
-    """Write every output or none: a failure (or a cancel) removes the files this call already wrote."""
+def write_outputs(result: Any, label: Path, score_map: Path | None, report: Path | None,
+                  figure: tuple[Path, Any] | None = None) -> dict[str, str]:
+    """Write every output or none: a failure (or a cancel) removes the files this call already wrote.
+    ``figure`` is (PNG path, the first input image)."""
     import json
 
+    from ..anomaly.figure import save_anomaly_figure
     from ..fileio import write_text_atomic
     from ..volume import write_image
 
     written: list[Path] = []
     try:
+        if figure is not None:
+            save_anomaly_figure(figure[1], result, figure[0])
+            written.append(figure[0])
         write_image(result.label, label)
         written.append(label)
         if score_map is not None:
@@ -155,20 +164,35 @@ def write_outputs(result: Any, label: Path, score_map: Path | None, report: Path
         for path in written:
             path.unlink(missing_ok=True)
         raise
-    return {name: str(path) for name, path in zip(("label", "map", "report"), (label, score_map, report), strict=True)
+    paths = (label, score_map, report, None if figure is None else figure[0])
+    return {name: str(path) for name, path in zip(("label", "map", "report", "figure"), paths, strict=True)
             if path is not None}
+
+
+def _model_and_inputs(args: argparse.Namespace, settings: Any) -> tuple[Any, list[str]]:
+    """``--input demo`` means the bundled demo case, in the model's modality order (the model is loaded here)."""
+    from ..anomaly.pipeline import model_spec, resolve_model
+    from ..demo import DEMO_WORD, demo_case
+
+    if args.input != [DEMO_WORD]:
+        return args.model, args.input
+    bundle = resolve_model(args.model, device=settings.device)
+    return bundle, [str(p) for p in demo_case("anomaly", model_spec(bundle).modalities).values()]
 
 
 def run(args: argparse.Namespace) -> dict[str, str]:
     from ..anomaly.pipeline import segment_anomalies
     from ..progress import emit
+    from ..volume import read_image
 
-    outputs = [Path(p) for p in (args.output_label, args.output_map, args.report) if p is not None]
-    _check_outputs(args.input, outputs)
     settings = settings_from_args(args)
-    result = segment_anomalies(args.model, args.input, settings)
+    model, inputs = _model_and_inputs(args, settings)
+    outputs = [Path(p) for p in (args.output_label, args.output_map, args.report, args.figure) if p is not None]
+    _check_outputs(inputs, outputs)
+    result = segment_anomalies(model, inputs, settings)
+    figure = None if args.figure is None else (Path(args.figure), read_image(inputs[0]))
     written = write_outputs(result, Path(args.output_label), args.output_map and Path(args.output_map),
-                            args.report and Path(args.report))
+                            args.report and Path(args.report), figure)
     report = result.report
     emit("summary", lesion_volume_ml=report["lesion_volume_ml"], unhealthy_slices=report["unhealthy_slices"],
          slices=len(report["slices"]))

@@ -29,9 +29,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _common_arguments(anomaly)
     anomaly.add_argument("--healthy-fraction", type=float, default=0.5, metavar="F",
                          help="fraction of healthy subjects (default 0.5)")
-    anomaly.add_argument("--difficulty", default="standard", metavar="{standard,hard}",
-                         help="hard: lesions closer to normal tissue and bright non-lesion artefacts "
-                              "(default standard)")
+    anomaly.add_argument("--difficulty", default="standard", metavar="{standard,hard,mixed}",
+                         help="hard: lesions closer to normal tissue and bright non-lesion artefacts; mixed: "
+                              "every other subject hard (default standard)")
     anomaly.set_defaults(run=run_anomaly)
 
     aging = kinds.add_parser("aging", help="every subject at two ages (counterfactual aging)",

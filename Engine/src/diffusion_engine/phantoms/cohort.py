@@ -38,14 +38,15 @@ def make_anomaly_cohort(out: str | os.PathLike[str], subjects: int = 40, spacing
     """Write an anomaly-segmentation cohort into ``out`` and return the path of its manifest.
 
     Each subject: ``<case>_flair/_t2/_t1.nii.gz`` and ``<case>_mask.nii.gz`` (uint8 lesion mask, empty for
-    healthy subjects). ``difficulty="hard"`` lowers the lesion contrast and adds bright non-lesion artefacts.
+    healthy subjects). ``difficulty="hard"`` lowers the lesion contrast and adds bright non-lesion artefacts;
+    ``"mixed"`` alternates standard and hard subjects (a training cohort that covers both).
     """
     subjects, spacing, seed, fractions = _check_common(subjects, spacing, seed, split)
     if not 0.0 <= float(healthy_fraction) <= 1.0:
         raise InputError(f"healthy fraction {healthy_fraction} is outside 0..1",
                          fix="pass --healthy-fraction between 0 and 1 (e.g. 0.5)")
-    if difficulty not in DIFFICULTIES:
-        raise InputError(f"unknown difficulty {difficulty!r}", fix=f"use one of {', '.join(DIFFICULTIES)}")
+    if difficulty not in (*DIFFICULTIES, "mixed"):
+        raise InputError(f"unknown difficulty {difficulty!r}", fix=f"use one of {', '.join(DIFFICULTIES)}, mixed")
     out = check_output_folder(out, overwrite)
     anatomy = load_anatomy(spacing)
     healthy = _healthy_flags(subjects, float(healthy_fraction), seed)
@@ -54,7 +55,8 @@ def make_anomaly_cohort(out: str | os.PathLike[str], subjects: int = 40, spacing
     rows, panels = [], []
     with staged_folder(out) as work, Progress(subjects, "phantoms anomaly", unit="subject") as bar:
         for index in range(subjects):
-            case = anomaly_case(anatomy, seed, index, healthy=healthy[index], difficulty=difficulty)
+            subject_difficulty = DIFFICULTIES[index % 2] if difficulty == "mixed" else difficulty
+            case = anomaly_case(anatomy, seed, index, healthy=healthy[index], difficulty=subject_difficulty)
             images = {m: write_volume(anatomy, case.images[m], work / f"{case.name}_{m}.nii.gz")
                       for m in ANOMALY_MODALITIES}
             mask = write_volume(anatomy, case.mask, work / f"{case.name}_mask.nii.gz")

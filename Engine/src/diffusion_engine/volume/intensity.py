@@ -131,10 +131,11 @@ def restore_intensity(slices: np.ndarray, stats: IntensityStats, *, channel: int
     scale = np.asarray([stats.scales[c] for c in channels]).reshape(1, -1, 1, 1)
     unit = (data + 1.0) / 2.0
     if stats.method == "onls":
-        return (unit * scale).astype(np.float32)
-    if stats.slice_min is None or stats.slice_max is None or len(stats.slice_min) != data.shape[0]:
-        raise ValueError("anofpdm statistics need one min/max per slice; the slice count does not match")
-    low = np.asarray(stats.slice_min)[:, channels][:, :, None, None]
-    high = np.asarray(stats.slice_max)[:, channels][:, :, None, None]
-    restored = (unit * (high - low) + low) * scale
+        restored = unit * scale
+    else:
+        if stats.slice_min is None or stats.slice_max is None or len(stats.slice_min) != data.shape[0]:
+            raise ValueError("anofpdm statistics need one min/max per slice; the slice count does not match")
+        low = np.asarray(stats.slice_min)[:, channels][:, :, None, None]
+        high = np.asarray(stats.slice_max)[:, channels][:, :, None, None]
+        restored = (unit * (high - low) + low) * scale
     return (restored[:, 0] if single else restored).astype(np.float32)

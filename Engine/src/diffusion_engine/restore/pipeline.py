@@ -1,0 +1,247 @@
+"""Restore a volume: read, go to model slices, restore, come back to the input's exact geometry and units.
+
+Only voxels the model saw (kept slices, inside the crop) are replaced; everything else keeps the input's values,
+and imputation keeps every observed voxel. Noise is estimated on the input's native voxels (Haar MAD inside the
+head, or Rayleigh in a noisy background for Rician data) and carried to model units: the intensity scaling, and
+the resampling to the model grid, which averages neighbouring voxels (its effect on white noise is measured by
+pushing unit noise through the same resize).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from ..errors import InputError
+from ..progress import Progress, warn
+from ..volume import (
+    SliceGeometry,
+    canonical_array,
+    foreground_mask,
+    from_model_slices,
+    grid_difference,
+    image_grid,
+    read_case,
+    read_image,
+    resize_slices,
+    restore_intensity,
+    to_model_grid,
+    to_model_slices,
+)
+from . import cvdm
+from .conditional import sample_conditional
+from .degrade import FILL
+from .denoise import DenoiseSettings, denoise
+from .model import NORMALISATION, RestoreModel, load_restore_model
+from .noise import SigmaOutOfRange, estimate_sigma_gaussian, estimate_sigma_rician, match_timestep
+
+CHUNK = 16  # slices per network batch
+
+
+@dataclass
+class RestoreSettings:
+    samples: int = 1  # > 1: an uncertainty map (per-voxel variance over the samples)
+    sampler: str = "ddim"  # matched denoising
+    cycles: int = 1
+    steps: int = 50  # DDIM steps (conditional) / at most this many (matched denoising); CVDM uses its own 200
+    cvdm_steps: int = cvdm.SAMPLING_STEPS
+    factor: int | None = None  # super-resolution factor the input has lost
+    sigma: float | None = None  # known noise level in input units (skips the estimate)
+    seed: int = 0
+    device: str = "cpu"
+
+
+@dataclass
+class RestoreResult:
+    image: sitk.Image
+    uncertainty: sitk.Image | None = None
+    schedule_map: sitk.Image | None = None
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+# -- noise in model units ---------------------------------------------------------------------------------
+
+
+def noise_transfer(geometry: SliceGeometry, seed: int = 0) -> float:
+    """Standard deviation on the model grid of unit white noise on the input's crop (resampling averages it)."""
+    noise = np.random.default_rng(seed).standard_normal((4, 1, *geometry.padded_size)).astype(np.float32)
+    return float(resize_slices(noise, geometry.model_size).std())
+
+
+def estimate_input_sigma(volume: np.ndarray) -> tuple[float, str]:
+    """Noise sigma of a canonical volume in its units, and which estimator gave it."""
+    head = foreground_mask(volume)
+    background = ~head & (volume != 0)
+    if background.sum() > 0.5 * (~head).sum() and (~head).sum() > 1000:  # a noisy (not zeroed) background
+        sigma = estimate_sigma_rician(volume, ~head)
+        if math.isfinite(sigma):
+            return sigma, "rician-background"
+    return estimate_sigma_gaussian(volume, head), "gaussian-mad"
+
+
+def sigma_in_model_units(sigma: float, geometry: SliceGeometry) -> float:
+    """onls normalisation maps [0, scale] to [-1, 1] (factor 2 / scale), then the resampling transfer."""
+    return sigma * 2.0 / geometry.intensity.scales[0] * noise_transfer(geometry)
+
+
+# -- per task ---------------------------------------------------------------------------------------------
+
+
+def _chunks(count: int) -> list[slice]:
+    return [slice(i, min(i + CHUNK, count)) for i in range(0, count, CHUNK)]
+
+
+def _matched_denoise(model: RestoreModel, slices: torch.Tensor, sigma: float, settings: RestoreSettings,
+                     bar: Progress) -> tuple[torch.Tensor, dict[str, Any]]:
+    def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return model.eps(x, t)
+
+    outputs, report = [], {}
+    for part in _chunks(len(slices)):
+        result = denoise(eps_fn, model.schedule, slices[part], sigma,
+                         DenoiseSettings(sampler=settings.sampler, ddim_steps=settings.steps, cycles=settings.cycles,
+                                         seed=settings.seed))
+        outputs.append(result.image)
+        report = {"entry_timesteps": [m.t for m in result.matches], "entry_sigmas": [m.sigma for m in result.matches]}
+        bar.update(part.stop - part.start)
+    return torch.cat(outputs), report
+
+
+def _sample(model: RestoreModel, condition: torch.Tensor, seed: int, settings: RestoreSettings) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    if model.is_cvdm:
+        return cvdm.sample(model.eps, model.learned, condition, steps=settings.cvdm_steps, generator=generator)
+    return sample_conditional(model.eps, model.schedule, condition, steps=settings.steps,
+                              probabilistic=bool(model.info.get("probabilistic_conditioning")),
+                              temperature=float(model.info.get("temperature", 1.0)), generator=generator)
+
+
+def _conditional_restore(model: RestoreModel, condition: torch.Tensor, settings: RestoreSettings, bar: Progress
+                         ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    draws = []
+    for k in range(settings.samples):
+        parts = []
+        for part in _chunks(len(condition)):
+            with torch.no_grad():
+                parts.append(_sample(model, condition[part], settings.seed + 1000 * k + part.start, settings))
+            bar.update(part.stop - part.start)
+        draws.append(torch.cat(parts))
+    stack = torch.stack(draws)
+    variance = stack.var(dim=0, unbiased=True) if settings.samples > 1 else None
+    schedule = cvdm.schedule_map(model.learned, condition) if model.is_cvdm else None
+    return stack.mean(dim=0), variance, schedule
+
+
+# -- the volume API -----------------------------------------------------------------------------------------
+
+
+def _check_task(model: RestoreModel, task: str, settings: RestoreSettings, mask: Any) -> None:
+    if task != model.task:
+        raise InputError(f"this model restores {model.task!r}, not {task!r}", path=model.path,
+                         fix=f"give a model trained with --task {task}")
+    if task == "superres":
+        trained = model.info.get("factors") or []
+        if settings.factor not in trained:
+            raise InputError(f"super-resolution factor {settings.factor} is not one the model was trained for "
+                             f"({', '.join(map(str, trained))})", path=model.path,
+                             fix=f"pass --factor {' or '.join(map(str, trained))}, or train a model for it")
+    if task == "impute" and mask is None:
+        raise InputError("imputation needs the mask of missing voxels", fix="pass --mask MISSING.nii.gz (1 = missing)")
+    if settings.samples < 1:
+        raise InputError(f"samples must be at least 1 (got {settings.samples})", fix="pass --samples 1 or more")
+
+
+def _missing_mask(mask: Any, reference: sitk.Image, geometry: SliceGeometry) -> tuple[np.ndarray, np.ndarray]:
+    """(missing voxels in the input's array layout, model-grid observed mask [S, 1, H, W]) from a mask image."""
+    image = mask if isinstance(mask, sitk.Image) else read_image(mask, label_map=True)
+    source = str(mask) if not isinstance(mask, sitk.Image) else "mask"
+    problem = grid_difference(image_grid(reference), image_grid(image))
+    if problem:
+        raise InputError(f"the mask does not match the image ({problem})", path=source,
+                         fix="give a mask on the input image's voxel grid")
+    missing = to_model_grid(image, geometry, interpolation="nearest", source=source) > 0
+    return sitk.GetArrayFromImage(image) > 0, (~missing)[:, None].astype(np.float32)
+
+
+def _back(maps: np.ndarray, geometry: SliceGeometry, reference: np.ndarray | None, replace: np.ndarray | None
+          ) -> sitk.Image:
+    """Model-grid slices (normalised) -> input units on the input grid; keep ``reference`` outside the model's view."""
+    values = restore_intensity(maps, geometry.intensity)
+    image = from_model_slices(values, geometry)
+    if reference is None:
+        return image
+    covered = sitk.GetArrayFromImage(from_model_slices(np.ones_like(values), geometry, interpolation="nearest")) > 0
+    array = sitk.GetArrayFromImage(image)
+    keep = ~covered
+    if replace is not None:
+        keep |= ~replace
+    array = np.where(keep, reference, array).astype(np.float32)
+    out = sitk.GetImageFromArray(array)
+    out.CopyInformation(image)
+    return out
+
+
+def restore_volume(model: str | os.PathLike[str] | RestoreModel, image: Any, task: str, *,
+                   settings: RestoreSettings | None = None, mask: Any = None) -> RestoreResult:
+    """Denoise, impute or super-resolve one volume (a path or a SimpleITK image) with a restoration model."""
+    settings = settings or RestoreSettings()
+    if not isinstance(model, RestoreModel):
+        model = load_restore_model(model, device=settings.device)
+    _check_task(model, task, settings, mask)
+    case = read_case({model.modality: image}, (model.modality,))
+    slices, geometry = to_model_slices(case, (model.image_size, model.image_size), normalisation=NORMALISATION)
+    reference = sitk.GetArrayFromImage(case.reference).astype(np.float32)
+    report: dict[str, Any] = {"task": task, "method": model.method, "slices": len(slices)}
+    x = torch.from_numpy(slices).to(settings.device)
+    replace = None
+    if task == "denoise":
+        native, _ = canonical_array(case.reference)
+        sigma, estimator = (settings.sigma, "given") if settings.sigma else estimate_input_sigma(native)
+        sigma_model = sigma_in_model_units(sigma, geometry)
+        report.update(sigma=sigma, sigma_estimator=estimator, sigma_model_units=sigma_model)
+        try:
+            match = match_timestep(model.schedule, sigma_model) if model.schedule is not None else None
+        except SigmaOutOfRange as error:
+            raise InputError(f"estimated noise level is out of range: {error}", path=case.sources.get(model.modality),
+                             fix="check the input, or pass the noise level with --sigma") from error
+        low = model.info.get("sigma_range", [0.0, math.inf])[0]
+        if (match is not None and match.clean) or sigma_model < 0.5 * low:
+            warn(f"the image looks clean already (estimated sigma {sigma:.4g}, {sigma_model:.4f} in model units); "
+                 "returning it unchanged")
+            report.update(already_clean=True)
+            out = sitk.GetImageFromArray(reference)
+            out.CopyInformation(case.reference)
+            return RestoreResult(image=out, report=report)
+        high = model.info.get("sigma_range", [0.0, math.inf])[1]
+        if model.method != "ddpm" and sigma_model > high:
+            warn(f"noise level {sigma_model:.3f} (model units) is above what the model was trained on ({high}); "
+                 "the result may keep noise")
+    if task == "impute":
+        replace, observed = _missing_mask(mask, case.reference, geometry)
+        known = torch.from_numpy(observed).to(x.device)
+        x = torch.cat([torch.where(known.bool(), x, torch.full_like(x, FILL)), known], dim=1)
+        report.update(missing_fraction=float(1 - observed.mean()))
+    if task == "superres":
+        report.update(factor=settings.factor)
+    total = len(slices) * (1 if model.method == "ddpm" else settings.samples)
+    variance = schedule = None
+    with Progress(total, f"restore {task}", unit="slice") as bar:
+        if model.method == "ddpm":
+            restored, details = _matched_denoise(model, x, sigma_model, settings, bar)
+            report.update(details)
+        else:
+            restored, variance, schedule = _conditional_restore(model, x, settings, bar)
+    result = RestoreResult(image=_back(restored[:, 0].cpu().numpy(), geometry, reference, replace),
+                           report=report)
+    if variance is not None:  # onls is linear: variance scales by (scale / 2)^2
+        scale = geometry.intensity.scales[0] / 2.0
+        result.uncertainty = from_model_slices(variance[:, 0].cpu().numpy() * scale**2, geometry)
+    if schedule is not None:
+        result.schedule_map = from_model_slices(schedule[:, 0].cpu().numpy(), geometry)
+    return result
