@@ -24,6 +24,7 @@ def test_train_command_writes_a_loadable_bundle(anomaly_cohort: Path, tmp_path: 
     assert bundle.config["preprocessing"]["modalities"] == ["flair", "t2"]
     assert bundle.config["preprocessing"]["normalisation"]["method"] == "anofpdm"
     assert bundle.config["schedule"]["num_timesteps"] == 1000
+    assert bundle.config["training"]["command"].startswith("diffusion-engine --progress none train anomaly --manifest")
     assert bundle.config["training"]["unhealthy_slices"] > 0
     net = bundle.networks["eps"]
     x = torch.zeros(2, 2, 32, 32)

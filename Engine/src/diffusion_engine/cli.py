@@ -15,7 +15,8 @@ from collections.abc import Sequence
 from . import __version__, progress
 from .errors import EngineError
 
-COMMAND_MODULES = ("phantoms", "train", "calibrate", "anomaly", "import_checkpoint", "info", "evaluate")
+COMMAND_MODULES = ("phantoms", "train", "calibrate", "anomaly", "import_checkpoint", "info", "evaluate", "restore",
+                   "aging")
 
 DESCRIPTION = """\
 Generative diffusion models for brain MRI, on the local CPU or GPU.
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what was typed, for records such as a model's
     progress.configure(json_lines=args.progress == "json", quiet=args.progress == "none",
                        cancel_file=args.cancel_file)
     progress.install_signal_handlers()

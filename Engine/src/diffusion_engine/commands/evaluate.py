@@ -53,6 +53,68 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     anomaly.add_argument("--no-figure", action="store_true", help="skip figure.png")
     anomaly.set_defaults(run=run_anomaly)
 
+    aging = methods.add_parser(
+        "aging", help="ONLS vs fixed noise levels and the identity baseline on longitudinal pairs (paper Table 2)",
+        description="For every subject of the split with two visits: the counterfactual of the first visit at the "
+                    "age of the last, by ONLS and by each fixed noise level L, and the identity baseline, against "
+                    "the real last visit: SSIM (window 11), MSE, PSNR, ventricle volume error and the regressor's "
+                    "age error; plus an age sweep whose ventricle volume should rise monotonically.")
+    aging.add_argument("--model", default=None, help="aging model folder; default: the bundled demo model")
+    aging.add_argument("--manifest", required=True, help="longitudinal manifest (age, visit, ventricles columns)")
+    aging.add_argument("--split", default="test", help="split to evaluate (default test)")
+    aging.add_argument("--out", default=None, help="output folder (default: ./evaluation-aging-SPLIT)")
+    aging.add_argument("--noise-levels", default="1.0,0.9,0.8,0.7,0.6,0.5,0.4",
+                       help="fixed noise levels L to compare with ONLS (comma-separated; empty for none)")
+    aging.add_argument("--guidance-scales", default=None,
+                       help="gradient scale(s) c, comma-separated (default: the model's calibrated c)")
+    aging.add_argument("--zeta", type=float, default=None, help="ONLS variance threshold (default: calibrated, 1e-4)")
+    aging.add_argument("--steps", type=int, default=None, help="DDIM steps over the chain (default 10)")
+    aging.add_argument("--sweep", default="-10,-5,5,10,15",
+                       help="age sweep offsets in years around the baseline age, written --sweep=-10,-5,5 "
+                            "(empty for none)")
+    aging.add_argument("--max-subjects", type=int, default=None, help="evaluate only the first N subjects")
+    aging.add_argument("--device", default="auto", help="auto (GPU if available), cpu, cuda, cuda:1, ...")
+    aging.add_argument("--no-figure", action="store_true", help="skip figure.png")
+    aging.set_defaults(run=run_aging)
+    add_restore_parser(methods)
+
+
+def add_restore_parser(methods: argparse._SubParsersAction) -> None:
+    restore = methods.add_parser(
+        "restore", help="matched-entry DDPM denoising vs non-local means and total variation (PSNR, SSIM, MAE)",
+        description="Degrade held-out slices with Rician noise at several levels and compare the model entered at "
+                    "the matched timestep (and at half and twice it) with NLM and TV. Writes results.md/json.")
+    restore.add_argument("--model", required=True, help="restoration model folder (method ddpm)")
+    restore.add_argument("--manifest", required=True)
+    restore.add_argument("--split", default="test")
+    restore.add_argument("--sigmas", type=float, nargs="+", default=[0.05, 0.1, 0.2])
+    restore.add_argument("--slices", type=int, default=32, help="held-out slices to score (default 32)")
+    restore.add_argument("--steps", type=int, default=20, help="DDIM steps from the entry timestep")
+    restore.add_argument("--out", default=None, help="output folder (default ./evaluation-restore-SPLIT)")
+    restore.add_argument("--seed", type=int, default=0)
+    restore.set_defaults(run=run_restore)
+
+
+def run_restore(args: argparse.Namespace) -> dict[str, str]:
+    import json
+
+    from ..errors import InputError
+    from ..fileio import write_text_atomic
+    from ..restore.evaluate import evaluate_denoising, held_out_slices
+    from ..restore.model import load_restore_model
+
+    model = load_restore_model(args.model)
+    if model.method != "ddpm":
+        raise InputError(f"this evaluation needs an unconditional DDPM, got method {model.method!r}",
+                         path=model.path, fix="train one with `train restore --task denoise --method ddpm`")
+    clean = held_out_slices(args.manifest, args.split, model, args.slices)
+    rows = evaluate_denoising(model, clean, args.sigmas, seed=args.seed, steps=args.steps)
+    out = Path(args.out) if args.out else Path.cwd() / f"evaluation-restore-{args.split}"
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "results.md", f"`{command_text(args)}`\n\n" + rows.markdown())
+    write_text_atomic(out / "results.json", json.dumps(rows.rows, indent=1))
+    return {"results": str(out / "results.md")}
+
 
 def run_anomaly(args: argparse.Namespace) -> dict[str, str]:
     from ..anomaly.evaluate import default_settings, run_evaluation, write_evaluation
@@ -71,6 +133,29 @@ def run_anomaly(args: argparse.Namespace) -> dict[str, str]:
     return write_evaluation(evaluation, out, command=command_text(args), figure=not args.no_figure)
 
 
+def _numbers(text: str | None) -> list[float]:
+    from ..errors import InputError
+
+    try:
+        return [float(v) for v in (text or "").split(",") if v.strip()]
+    except ValueError:
+        raise InputError(f"expected comma-separated numbers, got {text!r}", fix="e.g. 1.0,0.8,0.6") from None
+
+
+def run_aging(args: argparse.Namespace) -> dict[str, str]:
+    from ..aging.evaluate import run_evaluation, write_evaluation
+    from ..aging.pipeline import AgingSettings, resolve_model
+
+    bundle = resolve_model(args.model, device=args.device)
+    given = {"zeta": args.zeta, "steps": args.steps}
+    settings = AgingSettings(device=args.device, **{k: v for k, v in given.items() if v is not None})
+    evaluation = run_evaluation(bundle, args.manifest, split=args.split, settings=settings,
+                                levels=_numbers(args.noise_levels), scales=_numbers(args.guidance_scales) or None,
+                                sweep=_numbers(args.sweep), max_subjects=args.max_subjects)
+    out = Path(args.out) if args.out else Path.cwd() / f"evaluation-aging-{args.split}"
+    return write_evaluation(evaluation, out, command=command_text(args), figure=not args.no_figure)
+
+
 def command_text(args: argparse.Namespace) -> str:
     """The command line that reproduces this run (every option that was set), for the report."""
     import shlex
@@ -79,7 +164,11 @@ def command_text(args: argparse.Namespace) -> str:
     for name, value in vars(args).items():
         if name in ("run", "command", "method", "progress", "cancel_file") or value is None or value is False:
             continue
-        words.append("--" + name.replace("_", "-"))
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, str) and value.startswith("-"):
+            words.append(f"{flag}={value}")  # e.g. --sweep=-10,-5: a separate word would parse as an option
+            continue
+        words.append(flag)
         if value is not True:
             words += [str(v) for v in value] if isinstance(value, list) else [str(value)]
     return " ".join(shlex.quote(word) for word in words)

@@ -39,6 +39,43 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     anomaly.add_argument("--p-uncond", type=float, default=0.1, help="probability of dropping the label (CFG)")
     anomaly.set_defaults(run=run_anomaly)
 
+    aging = methods.add_parser("aging", help="ONLS counterfactual aging: epsilon UNet + noisy age regressor",
+                               description="Train ONLS's unconditional epsilon UNet and its age regressor R(x_t, t) "
+                                           "(on noisy slices at random noise levels) on the 'train' split, one visit "
+                                           "per subject (cross-sectional). Needs the manifest's 'age' column.")
+    _add_common(aging, steps=4000, batch_size=16)
+    aging.add_argument("--modalities", default="t1",
+                       help=f"comma-separated modality columns to use, among {', '.join(MODALITIES)} (default t1)")
+    aging.add_argument("--regressor-preset", default="regressor", help="network of the age regressor")
+    aging.add_argument("--regressor-steps", type=int, default=None, help="regressor steps (default: --steps)")
+    aging.add_argument("--regressor-batch-size", type=int, default=None,
+                       help="regressor slices per step (default: --batch-size)")
+    aging.add_argument("--central-slices", type=int, default=16,
+                       help="train on each case's central N brain slices, the slab inference changes (0 = all; "
+                            "default 16)")
+    aging.add_argument("--half", action="store_true", help="store the weights as float16 (half the size)")
+    aging.set_defaults(run=run_aging)
+    add_restore_parser(methods)
+
+
+def add_restore_parser(methods: argparse._SubParsersAction) -> None:
+    restore = methods.add_parser("restore", help="restoration: denoise, impute or super-resolve (DDPM, CVDM)",
+                                 description="Train a restoration model on the clean slices of the 'train' split, "
+                                             "degraded on the fly: Rician noise (denoise), dropped voxels/lines/"
+                                             "boxes (impute) or in-plane downsampling (superres).")
+    _add_common(restore, steps=4000, batch_size=16)
+    restore.add_argument("--task", choices=("denoise", "impute", "superres"), required=True)
+    restore.add_argument("--method", choices=("ddpm", "conditional", "cvdm", "cvdm-simple", "cvdm-linear"),
+                         default="cvdm", help="ddpm: unconditional (noise-level-matched denoising); conditional: "
+                                              "degraded slice as input (p_cond for noise); cvdm: learned pixel-wise "
+                                              "schedule; cvdm-simple: one global schedule; cvdm-linear: fixed")
+    restore.add_argument("--modality", default="t1", help=f"modality column, among {', '.join(MODALITIES)}")
+    restore.add_argument("--factors", type=int, nargs="+", default=[2, 4], help="superres factors (2 and/or 4)")
+    restore.add_argument("--sigma-range", type=float, nargs=2, default=[0.02, 0.3], metavar=("LOW", "HIGH"),
+                         help="denoise: Rician sigma range, in units of the normalised range [-1, 1]")
+    restore.add_argument("--temperature", type=float, default=1.0, help="p_cond temperature T_c (paper: 1)")
+    restore.set_defaults(run=run_restore)
+
 
 def _settings(args: argparse.Namespace) -> Any:
     from ..devices import resolve_device
@@ -55,4 +92,47 @@ def run_anomaly(args: argparse.Namespace) -> dict[str, str]:
     out = train_anomaly_model(args.manifest, args.out, modalities=modalities, preset=args.preset,
                               image_size=args.image_size, p_uncond=args.p_uncond, settings=_settings(args),
                               work_dir=Path(args.work_dir) if args.work_dir else None)
+    record_command(out, args)
+    return {"model": str(out)}
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The command as the user typed it (cli.main keeps its argv in ``args.argv``)."""
+    import shlex
+
+    return shlex.join(["diffusion-engine", *getattr(args, "argv", [])])
+
+
+def record_command(model: Path, args: argparse.Namespace) -> None:
+    """Add the command that trained ``model`` to its model.json (training section), so it can be rerun."""
+    from ..nets.bundle import read_bundle_config, update_bundle_config
+
+    training = read_bundle_config(model).get("training") or {}
+    update_bundle_config(model, training={**training, "command": command_line(args)})
+
+
+def run_restore(args: argparse.Namespace) -> dict[str, str]:
+    from ..restore.training import train_restore_model
+
+    out = train_restore_model(args.manifest, args.out, task=args.task, method=args.method, modality=args.modality,
+                              preset=args.preset, image_size=args.image_size, factors=args.factors,
+                              sigma_range=args.sigma_range, temperature=args.temperature, settings=_settings(args),
+                              work_dir=Path(args.work_dir) if args.work_dir else None)
+    return {"model": str(out)}
+
+
+def run_aging(args: argparse.Namespace) -> dict[str, str]:
+    import dataclasses
+
+    from ..aging.training import train_aging_model
+
+    modalities = tuple(m.strip() for m in args.modalities.split(",") if m.strip())
+    settings = _settings(args)
+    regressor = dataclasses.replace(settings, steps=args.regressor_steps or settings.steps,
+                                    batch_size=args.regressor_batch_size or settings.batch_size)
+    out = train_aging_model(args.manifest, args.out, modalities=modalities, preset=args.preset,
+                            regressor_preset=args.regressor_preset, image_size=args.image_size,
+                            central=args.central_slices, settings=settings, regressor_settings=regressor,
+                            work_dir=Path(args.work_dir) if args.work_dir else None, half_precision=args.half,
+                            command=command_line(args))
     return {"model": str(out)}

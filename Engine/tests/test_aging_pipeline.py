@@ -1,0 +1,183 @@
+"""ONLS end to end (aging.training, aging.pipeline, aging.evaluate, the `train aging`, `aging` and `evaluate aging`
+commands). The model is a tiny bundle trained for 2 steps on a 3-subject phantom cohort at 4 mm: plumbing tests
+(geometry, composition, files, errors, warnings), not accuracy tests.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from safetensors import safe_open
+
+from diffusion_engine import cli
+from diffusion_engine.aging import pipeline
+from diffusion_engine.aging.evaluate import image_metrics, longitudinal_pairs, ventricle_volume
+from diffusion_engine.aging.pipeline import AgingSettings, age_counterfactual, resolve_model
+from diffusion_engine.aging.training import AgeScale, central_rows, cross_sectional, train_aging_model
+from diffusion_engine.errors import InputError, ModelError
+from diffusion_engine.manifest import read_manifest
+from diffusion_engine.nets.bundle import save_bundle
+from diffusion_engine.nets.presets import build_preset
+from diffusion_engine.train import TrainSettings
+
+GEOMETRY = ("GetSize", "GetSpacing", "GetOrigin", "GetDirection")
+FAST = {"steps": 5, "device": "cpu", "central_slices": 6}
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from diffusion_engine.phantoms import make_aging_cohort
+
+    return make_aging_cohort(tmp_path_factory.mktemp("aging_cohort") / "cohort", subjects=3, spacing=4.0, seed=2,
+                             split=(0.34, 0.33, 0.33))
+
+
+@pytest.fixture(scope="module")
+def model(cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("aging_model")
+    settings = TrainSettings(steps=2, batch_size=4, warmup_steps=1, checkpoint_every=1000, seed=0)
+    return train_aging_model(cohort, folder / "model", image_size=32, central=6, settings=settings,
+                             work_dir=folder / "work", half_precision=True, command="test")
+
+
+def t1(cohort: Path, case: str) -> str:
+    return str(cohort.parent / f"{case}_t1.nii.gz")
+
+
+def test_training_writes_an_aging_bundle(model: Path, cohort: Path) -> None:
+    config = json.loads((model / "model.json").read_text())
+    assert config["kind"] == "aging" and set(config["networks"]) == {"eps", "regressor"}
+    assert config["networks"]["eps"]["config"]["num_classes"] is None
+    assert config["preprocessing"]["normalisation"]["method"] == "onls"
+    train_rows = read_manifest(cohort).split("train")
+    low, high = config["training"]["train_ages"]
+    assert {low, high} <= {row.age for row in train_rows}
+    assert config["labels"]["age_low"] <= low - 5 and config["labels"]["age_high"] >= high + 5
+    assert config["training"]["subjects"] == len({row.subject for row in train_rows})  # one visit per subject
+    with safe_open(str(model / "eps.safetensors"), "pt") as weights:
+        assert all(weights.get_tensor(k).dtype.itemsize == 2 for k in weights.keys())  # noqa: SIM118 (safe_open has no __iter__)  # float16 on disk
+    bundle = resolve_model(model)
+    assert next(bundle.networks["eps"].parameters()).dtype.itemsize == 4  # float32 in memory
+
+
+def test_cross_sectional_and_helpers(cohort: Path) -> None:
+    rows = read_manifest(cohort).rows
+    picked = cross_sectional(rows, seed=0)
+    assert len(picked) == len({r.subject for r in rows}) == len({r.subject for r in picked})
+    assert central_rows(10, 4) == slice(3, 7) and central_rows(3, 16) == slice(0, 3)
+    assert central_rows(5, 0) == slice(0, 5)
+    scale = AgeScale.from_ages([52.3, 88.1])
+    assert (scale.low, scale.high) == (45.0, 95.0)
+    assert scale.years(scale.normalise(61.0)) == pytest.approx(61.0)
+    assert len(longitudinal_pairs(rows)) == 3
+
+
+def test_volume_round_trip_and_report(model: Path, cohort: Path) -> None:
+    row = read_manifest(cohort).rows[0]
+    path = t1(cohort, row.case)
+    result = age_counterfactual(model, [path], age=row.age, target_age=row.age + 8, settings=AgingSettings(**FAST))
+    source = sitk.ReadImage(path)
+    for image in (result.image, result.difference):
+        for getter in GEOMETRY:
+            assert getattr(image, getter)() == getattr(source, getter)()
+    # output = input + difference, voxel for voxel; the difference is 0 outside the processed slab
+    assert np.allclose(sitk.GetArrayFromImage(result.image),
+                       sitk.GetArrayFromImage(source) + sitk.GetArrayFromImage(result.difference), atol=1e-3)
+    difference = sitk.GetArrayFromImage(result.difference)  # [z, y, x]; identity direction: z = axial
+    changed = np.flatnonzero(np.abs(difference).reshape(difference.shape[0], -1).max(axis=1) > 0)
+    assert len(changed) <= FAST["central_slices"] and len(changed) > 0
+    report = result.report
+    assert report["noise_level"]["mode"] in ("onls", "fallback")
+    assert report["noise_level"]["L"] == pytest.approx((report["noise_level"]["t0"] + 1) / 1000)
+    assert len(report["variance_curve"]["variance"]) == len(report["variance_curve"]["timesteps"])
+    assert report["slices"]["count"] == FAST["central_slices"]
+    json.dumps(report, allow_nan=False)
+
+
+def test_fixed_level_and_sweep_share_one_encoding(model: Path, cohort: Path) -> None:
+    row = read_manifest(cohort).rows[0]
+    settings = AgingSettings(noise_level=0.4, **FAST)
+    result = age_counterfactual(model, [t1(cohort, row.case)], row.age, [row.age - 5, row.age + 5], settings)
+    assert result.report["noise_level"] == {"mode": "fixed", "t0": 399, "L": 0.4, "zeta": None}
+    assert len(result.images) == 2 and len(result.report["regressor_age"]["after"]) == 2
+    single = age_counterfactual(model, [t1(cohort, row.case)], row.age, row.age + 5, settings)
+    assert np.allclose(sitk.GetArrayFromImage(single.image), sitk.GetArrayFromImage(result.images[1]), atol=1e-3)
+
+
+@pytest.mark.parametrize(("age", "target"), [(-3, 60), (130, 60), (60, 60), (None, 60), (60, float("nan"))])
+def test_bad_ages_are_refused(model: Path, cohort: Path, age: object, target: object) -> None:
+    row = read_manifest(cohort).rows[0]
+    with pytest.raises(InputError):
+        age_counterfactual(model, [t1(cohort, row.case)], age, target, AgingSettings(**FAST))
+
+
+def test_model_of_another_kind_is_refused(tmp_path: Path, cohort: Path) -> None:
+    other = save_bundle(tmp_path / "anomaly", {"eps": build_preset("tiny", image_size=32)}, kind="anomaly")
+    row = read_manifest(cohort).rows[0]
+    with pytest.raises(ModelError, match="wrong kind"):
+        age_counterfactual(other, [t1(cohort, row.case)], 60, 70, AgingSettings(**FAST))
+
+
+def test_too_few_slices_fall_back_to_fixed_level_with_a_warning(model: Path, cohort: Path) -> None:
+    row = read_manifest(cohort).rows[0]
+    settings = AgingSettings(steps=5, device="cpu", central_slices=2, fallback_noise_level=0.6)
+    result = age_counterfactual(model, [t1(cohort, row.case)], row.age, row.age + 5, settings)
+    assert result.report["noise_level"]["mode"] == "fallback"
+    assert result.report["noise_level"]["L"] == pytest.approx(0.6)
+    assert any("variance stopping rule" in w for w in result.report["warnings"])
+
+
+def test_out_of_range_age_warns(model: Path, cohort: Path) -> None:
+    row = read_manifest(cohort).rows[0]
+    result = age_counterfactual(model, [t1(cohort, row.case)], row.age, 119.0, AgingSettings(**FAST))
+    assert any("outside the model's age range" in w for w in result.report["warnings"])
+
+
+def test_metrics_and_ventricle_volume_by_hand() -> None:
+    a = np.zeros((2, 16, 16)) - 1.0
+    b = a.copy()
+    b[0, :4] = 1.0  # 64 pixels differ by 1 in [0, 1] units
+    metrics = image_metrics(a, b)
+    assert metrics["mse"] == pytest.approx(64 / 512)
+    assert metrics["psnr"] == pytest.approx(10 * np.log10(512 / 64))
+    assert image_metrics(a, a)["ssim"] == pytest.approx(1.0)
+    roi = np.zeros((2, 16, 16), bool)
+    roi[:, 4:8, 4:8] = True
+    image = np.ones((2, 16, 16))
+    image[1, 4:6, 4:8] = -1.0
+    assert ventricle_volume(image, roi, 0.0, pixel_ml=0.5) == pytest.approx(8 * 0.5)
+
+
+def test_cli_aging_sweep_and_evaluate(model: Path, cohort: Path, tmp_path: Path) -> None:
+    row = read_manifest(cohort).rows[0]
+    out = tmp_path / "cf.nii.gz"
+    code = cli.main(["--progress", "none", "aging", "--model", str(model), "--input", t1(cohort, row.case),
+                     "--age", str(row.age), "--target-ages", f"{row.age - 4:g},{row.age + 4:g}", "--output", str(out),
+                     "--difference", str(tmp_path / "d.nrrd"), "--report", str(tmp_path / "r.json"), "--steps", "5",
+                     "--central-slices", "6", "--device", "cpu"])
+    assert code == 0
+    for age in (row.age - 4, row.age + 4):
+        assert (tmp_path / f"cf_age{age:g}.nii.gz").is_file() and (tmp_path / f"d_age{age:g}.nrrd").is_file()
+    assert len(json.loads((tmp_path / "r.json").read_text())["regressor_age"]["after"]) == 2
+    assert cli.main(["--progress", "none", "aging", "--model", str(model), "--input", t1(cohort, row.case),
+                     "--age", "60", "--target-age", "60", "--output", str(out)]) == 2
+    code = cli.main(["--progress", "none", "evaluate", "aging", "--model", str(model), "--manifest", str(cohort),
+                     "--split", "test", "--out", str(tmp_path / "eval"), "--noise-levels", "1.0,0.6",
+                     "--steps", "5", "--sweep=-5,5", "--device", "cpu", "--max-subjects", "1"])
+    assert code == 0
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert set(results["summary"]) == {"identity", "L=1.0", "L=0.6", "ONLS"}
+    assert results["summary"]["identity"]["ssim"] < 1.0  # the follow-up differs from the baseline
+    assert (tmp_path / "eval" / "figure.png").is_file() and "| SSIM |" in (tmp_path / "eval" / "results.md").read_text()
+
+
+def test_demo_names_resolve_to_the_bundled_model(monkeypatch: pytest.MonkeyPatch, model: Path) -> None:
+    monkeypatch.setattr(pipeline, "DEMO_MODEL", model)
+    assert resolve_model(None).path == model and resolve_model("demo").path == model
+    monkeypatch.setattr(pipeline, "DEMO_MODEL", model.parent / "missing")
+    with pytest.raises(ModelError, match="demo aging model"):
+        resolve_model("demo")
