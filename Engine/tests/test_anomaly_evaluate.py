@@ -6,6 +6,7 @@ import csv
 import json
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -24,12 +25,13 @@ from diffusion_engine.anomaly.evaluate import VARIANTS, default_settings, pixel_
 from diffusion_engine.anomaly.forward import NULL_LABEL
 from diffusion_engine.anomaly.pipeline import resolve_model, segment_slices
 from diffusion_engine.commands.evaluate import VARIANT_KEYS
+from diffusion_engine.datasets import SliceSet
 from diffusion_engine.errors import InputError
 from diffusion_engine.manifest import read_manifest
 from diffusion_engine.nets.bundle import save_bundle
 from diffusion_engine.nets.unet import build_network
 from diffusion_engine.schedule import linear_schedule
-from diffusion_engine.volume import Normalisation
+from diffusion_engine.volume import Normalisation, normalise_slices, volume_scale
 
 T = 100
 SCHEDULE = linear_schedule(T)
@@ -94,24 +96,45 @@ def synthetic_flair(rng: np.random.Generator, lesion: bool) -> tuple[np.ndarray,
     return image, truth
 
 
+def synthetic_slice_set(rng: np.random.Generator, cases: int = 2, per_case: int = 3
+                        ) -> tuple[SliceSet, np.ndarray, np.ndarray]:
+    """Synthetic cases in scanner-like units (background 0), normalised with the anofpdm recipe as a model sees
+    them: (SliceSet, raw FLAIR / the case's 99th percentile [N, H, W], lesion truth [N, H, W])."""
+    images, names, expected, truths, geometries = [], [], [], [], {}
+    for case in range(cases):
+        pairs = [synthetic_flair(rng, lesion=i % 2 == 0) for i in range(per_case)]
+        raw = (np.stack([p[0] for p in pairs]).astype(np.float64) + 1.0) * (400.0 + 150.0 * case)
+        scales = [volume_scale(raw[:, c], 99.0) for c in range(2)]
+        normalised, stats = normalise_slices(raw, Normalisation("anofpdm"), scales)
+        images.append(normalised)
+        names += [f"case{case}"] * per_case
+        expected.append(raw[:, 0] / scales[0])
+        truths.append(np.stack([p[1] for p in pairs]))
+        geometries[f"case{case}"] = SimpleNamespace(intensity=stats)  # all intensity_scores reads of a geometry
+    data = SliceSet(images=np.concatenate(images), cases=names, slice_index=np.tile(np.arange(per_case), cases),
+                    geometries=geometries)
+    return data, np.concatenate(expected).astype(np.float32), np.concatenate(truths)
+
+
 def test_intensity_baseline_on_a_synthetic_case() -> None:
-    rng = np.random.default_rng(0)
-    val = [synthetic_flair(rng, lesion=i % 2 == 0) for i in range(6)]
-    images, truth = np.stack([v[0] for v in val]), np.stack([v[1] for v in val])
-    brain = images.mean(axis=1) > -0.95
-    scores = intensity_scores(images, ("flair", "t2"))
-    np.testing.assert_array_equal(scores, images[:, 0])
+    data, expected, truth = synthetic_slice_set(np.random.default_rng(0))
+    scores = intensity_scores(data, ("flair", "t2"))
+    np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-6)
+    # the model's per-slice stretch would make a lesion-free slice as bright as a lesion; the volume scale does not
+    lesion_free = ~truth.reshape(len(truth), -1).any(axis=1)
+    assert data.images[lesion_free, 0].max() == pytest.approx(1.0)
+    assert scores[lesion_free].max() < scores[truth].min()
+    brain = scores > 0
     threshold, record = choose_threshold(scores, truth, brain)
-    # the lesions are 5.6% of the brain: the 94th percentile keeps every lesion pixel plus scattered brain
-    # pixels, which the small-component removal drops; Dice 1 on validation
+    # lesions are a few % of the brain: a percentile between the brain and the lesions keeps every lesion pixel,
+    # and the small-component removal drops scattered brain pixels; Dice 1 on validation
     assert threshold <= scores[truth].min()
     assert record["uses_pixel_labels"] and record["validation_dice_pooled"] == 1.0
-    assert 80.0 <= record["percentile"] < 94.5  # above that, lesion pixels would be lost
-    test_image, test_truth = synthetic_flair(np.random.default_rng(5), lesion=True)
-    mask = threshold_masks(intensity_scores(test_image[None], ("flair", "t2")), brain[:1], threshold)
-    np.testing.assert_array_equal(mask[0], test_truth)
+    test, _, test_truth = synthetic_slice_set(np.random.default_rng(5), cases=1, per_case=1)
+    mask = threshold_masks(intensity_scores(test, ("flair", "t2")), brain[:1], threshold)
+    np.testing.assert_array_equal(mask[0], test_truth[0])
     with pytest.raises(InputError, match="FLAIR"):
-        intensity_scores(images, ("t1",))
+        intensity_scores(data, ("t1",))
 
 
 # ------------------------------------------------------------------------------------------------ end to end

@@ -1,9 +1,10 @@
 """Two baselines for AnoFPDM's evaluation: a FLAIR intensity threshold and a healthy reconstruction.
 
 Intensity (Meissen et al., "Challenging current semi-supervised anomaly segmentation methods for brain MRI",
-2021): the anomaly score of a pixel is its FLAIR intensity on the model grid; the mask is score >= tau inside
-the brain. tau is one global value on the model's [-1, 1] scale, chosen on the validation split as the
-percentile of the validation brain intensities that maximises the pooled validation Dice (``choose_threshold``).
+2021): the anomaly score of a pixel is its FLAIR intensity on the model grid divided by its volume's 99th brain
+percentile (``intensity_scores``); the mask is score >= tau inside the brain. tau is one global value, chosen on
+the validation split as the percentile of the validation brain scores that maximises the pooled validation Dice
+(``choose_threshold``).
 That choice uses the validation lesion MASKS, which AnoFPDM never does: it can only make the baseline stronger.
 
 Reconstruction (Sanchez et al., "What is healthy? Generative counterfactual diffusion for lesion localization",
@@ -32,10 +33,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..datasets import SliceSet
 from ..errors import InputError
 from ..metrics import dice
 from ..progress import Progress
 from ..schedule import CLEAN, Schedule, ddim_invert_step, ddim_step, timestep_grid
+from ..volume import restore_intensity
 from ._checks import check_int, check_real
 from .forward import NULL_LABEL, BatchedGuidance, EpsModel
 from .threshold import MAX_SMALL_COMPONENT, MEDIAN_SIZE, median_filter, remove_small_components
@@ -132,12 +135,24 @@ def reconstruction_scores(eps_model: EpsModel, schedule: Schedule, images: np.nd
     return scores, evaluations
 
 
-def intensity_scores(images: np.ndarray, modalities: Sequence[str], modality: str = "flair") -> np.ndarray:
-    """The intensity baseline's score: the FLAIR channel of slices [N, C, H, W] -> [N, H, W]."""
+def intensity_scores(data: SliceSet, modalities: Sequence[str], modality: str = "flair") -> np.ndarray:
+    """The intensity baseline's score [N, H, W]: each slice's FLAIR in units of its VOLUME's scale (the 99th
+    percentile of the brain, as the anofpdm recipe divides by before its per-slice min-max step).
+
+    The model's own input cannot serve: its per-slice min-max stretch makes every slice's brightest pixel 1, so a
+    lesion-free slice looks as bright as a lesion and one global threshold means nothing (Meissen et al. threshold
+    volume-normalised images).
+    """
     if modality not in modalities:
         raise InputError(f"the intensity baseline thresholds {modality.upper()}, which this model does not use "
                          f"(it uses {', '.join(modalities)})", fix="leave 'intensity' out of the variants")
-    return np.asarray(images[:, list(modalities).index(modality)], dtype=np.float32)
+    channel = list(modalities).index(modality)
+    scores = np.empty((len(data), *data.images.shape[2:]), np.float32)
+    for case in dict.fromkeys(data.cases):
+        rows = data.of_case(case)
+        stats = data.geometries[case].intensity
+        scores[rows] = restore_intensity(data.images[rows, channel], stats, channel=channel) / stats.scales[channel]
+    return scores
 
 
 def threshold_masks(scores: np.ndarray, brain: np.ndarray, threshold: float, *,

@@ -262,9 +262,9 @@ def _run_baseline(variant: Variant, bundle: ModelBundle, spec: ModelSpec, base: 
 
     if variant.kind == "intensity":
         started = time.perf_counter()
-        scores = intensity_scores(data.images, spec.modalities)
+        scores = intensity_scores(data, spec.modalities)
         seconds = time.perf_counter() - started
-        run = _baseline_run(variant, scores, intensity_scores(val.images, spec.modalities), data, brain, val, limits,
+        run = _baseline_run(variant, scores, intensity_scores(val, spec.modalities), data, brain, val, limits,
                             val_limits)
         run.seconds, run.evaluations_per_slice = seconds, 0
         return run
