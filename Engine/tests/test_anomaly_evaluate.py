@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 
 from diffusion_engine import cli
@@ -31,7 +32,7 @@ from diffusion_engine.manifest import read_manifest
 from diffusion_engine.nets.bundle import save_bundle
 from diffusion_engine.nets.unet import build_network
 from diffusion_engine.schedule import linear_schedule
-from diffusion_engine.volume import Normalisation, normalise_slices, volume_scale
+from diffusion_engine.volume import Normalisation, normalise_slices, to_model_grid, volume_scale
 
 T = 100
 SCHEDULE = linear_schedule(T)
@@ -220,7 +221,13 @@ def test_evaluation_end_to_end(small_bundle: Path, resplit_cohort: Path, tmp_pat
     assert runs["anofpdm_ddpm"].parameters["settings_changed"] == {"encoding": "ddpm"}
     assert runs["last_sam"].parameters["settings_changed"] == {"aggregation": "last"}
     # baselines: no decision, thresholds chosen on validation with its masks
-    np.testing.assert_array_equal(runs["intensity"].score, data.images[:, 0])
+    # intensity: FLAIR on the model grid over its volume's 99th percentile, derived here from the file itself
+    for row in read_manifest(resplit_cohort).rows:
+        if row.case in data.geometries:
+            flair = sitk.ReadImage(str(row.images["flair"]))
+            voxels = sitk.GetArrayViewFromImage(flair)
+            expected = to_model_grid(flair, data.geometries[row.case]) / np.percentile(voxels[voxels != 0], 99)
+            np.testing.assert_allclose(runs["intensity"].score[data.of_case(row.case)], expected, atol=2e-3)
     for key in ("intensity", "reconstruction"):
         run = runs[key]
         assert run.variant.pixel_labels and run.parameters["threshold"]["uses_pixel_labels"]
