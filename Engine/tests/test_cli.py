@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from diffusion_engine import cli, progress
 from diffusion_engine.errors import Cancelled, InputError
-from diffusion_engine.fileio import atomic_path
+from diffusion_engine.fileio import atomic_path, plain_permissions
 
 
 def test_help_lists_every_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
@@ -83,6 +84,18 @@ def test_atomic_path_leaves_nothing_on_failure(tmp_path: Path) -> None:
     with atomic_path(target) as tmp:
         tmp.write_text("whole")
     assert target.read_text() == "whole" and len(list((tmp_path / "out").iterdir())) == 1
+
+
+def test_atomic_outputs_get_the_permissions_of_a_plain_open(tmp_path: Path) -> None:
+    plain = tmp_path / "plain.json"
+    plain.write_text("{}")
+    with atomic_path(tmp_path / "atomic.json") as tmp:
+        tmp.write_text("{}")
+    assert (tmp_path / "atomic.json").stat().st_mode == plain.stat().st_mode
+    (tmp_path / "plain").mkdir()
+    staged = Path(tempfile.mkdtemp(dir=tmp_path))  # 0700, as model and cohort folders are built
+    plain_permissions(staged)
+    assert staged.stat().st_mode == (tmp_path / "plain").stat().st_mode
 
 
 def test_input_error_message_format() -> None:

@@ -24,10 +24,19 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        if tmp.exists():
+            plain_permissions(tmp)
         os.replace(tmp, final)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+def plain_permissions(path: Path) -> None:
+    """Give a file or folder made by tempfile (0600 / 0700) the permissions a plain open() or mkdir() would."""
+    mask = os.umask(0)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:

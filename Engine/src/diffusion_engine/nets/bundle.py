@@ -32,7 +32,7 @@ from torch import nn
 
 from .. import __version__
 from ..errors import InputError, ModelError
-from ..fileio import write_text_atomic
+from ..fileio import plain_permissions, write_text_atomic
 from .unet import NETWORK_CLASSES, build_network
 
 FORMAT = "diffusion-engine-model"
@@ -166,6 +166,7 @@ def save_bundle(path: str | os.PathLike[str], networks: Mapping[str, nn.Module],
                   "calibration": dict(calibration or {}), "training": dict(training or {}),
                   "created_by": f"diffusion-engine {__version__}"}
         (built / CONFIG_NAME).write_text(_to_json(config), encoding="utf-8")
+        plain_permissions(built)
         _replace_folder(built, target)
     finally:
         shutil.rmtree(built, ignore_errors=True)

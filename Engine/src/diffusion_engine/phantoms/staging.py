@@ -14,6 +14,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import InputError
+from ..fileio import plain_permissions
 from .anatomy import Anatomy
 
 COHORT_MARKER = "manifest.csv"  # an earlier cohort has one; --overwrite replaces nothing else
@@ -47,6 +48,7 @@ def staged_folder(out: Path) -> Iterator[Path]:
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         yield work
+        plain_permissions(work)
         _move_into_place(work, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)  # gone already after a successful move
