@@ -35,14 +35,13 @@ import torch
 from .. import __version__
 from ..devices import resolve_device
 from ..errors import InputError, ModelError
-from ..nets.bundle import ModelBundle, load_bundle
+from ..nets.bundle import ModelBundle, resolve_bundle
 from ..progress import Progress, warn
 from ..volume import Normalisation, SliceGeometry, from_model_slices, read_case, restore_intensity, to_model_slices
 from .onls import GUIDANCE_VARIANTS, PAPER_ZETA, decode, encode, encoding_grid, noise_level, timestep_for_level
 from .training import AgeScale, central_rows
 
 DEMO_MODEL = Path(__file__).resolve().parent.parent / "data" / "models" / "aging-demo"
-DEMO_NAMES = (None, "demo")
 DEFAULT_STEPS = 10
 DEFAULT_GUIDANCE_SCALE = 20.0  # used only when the model records no calibrated c
 DEFAULT_FALLBACK_LEVEL = 0.6
@@ -122,18 +121,8 @@ class AgingSpec:
 
 def resolve_model(model: str | os.PathLike[str] | ModelBundle | None, *, device: str = "cpu") -> ModelBundle:
     """A loaded aging model: None or "demo" is the bundled demo model; a folder is loaded; a bundle is checked."""
-    if isinstance(model, ModelBundle):
-        bundle = model
-        if bundle.kind != "aging":
-            raise ModelError(f"wrong kind of model: this one is for {bundle.kind!r}, this task needs 'aging'",
-                             path=bundle.path, fix="give a model trained with `diffusion-engine train aging`")
-    else:
-        if model in DEMO_NAMES:
-            if not (DEMO_MODEL / "model.json").is_file():
-                raise ModelError("the demo aging model is not bundled with this installation", path=DEMO_MODEL,
-                                 fix="pass --model MODEL_FOLDER with a model trained by `diffusion-engine train aging`")
-            model = DEMO_MODEL
-        bundle = load_bundle(model, kind="aging", device=resolve_device(device))
+    bundle = resolve_bundle(model, "aging", demo=DEMO_MODEL, device=device,
+                            fix="pass --model MODEL_FOLDER with a model trained by `diffusion-engine train aging`")
     model_spec(bundle)
     return bundle
 

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from .. import __version__
 from ..devices import resolve_device
 from ..errors import InputError, ModelError
-from ..nets.bundle import ModelBundle, load_bundle
+from ..nets.bundle import ModelBundle, resolve_bundle
 from ..progress import Progress, warn
 from ..schedule import timestep_grid
 from ..volume import (
@@ -54,7 +54,6 @@ from .forward import CODE_T_MAX_FRACTION, ENCODINGS, ForwardStatistics, forward_
 from .threshold import MAX_SMALL_COMPONENT, remove_small_components, segment
 
 DEMO_MODEL = Path(__file__).resolve().parent.parent / "data" / "models" / "anomaly-demo"
-DEMO_NAMES = (None, "demo")
 DEFAULT_STRIDE = 40
 REFERENCE_PIXEL_MM = 240.0 / 128.0  # BraTS slices (240 px of 1 mm) resized to 128 px in the authors' code
 DEFAULT_MIN_COMPONENT_MM2 = MAX_SMALL_COMPONENT * REFERENCE_PIXEL_MM**2  # the code's 40 px = 140.625 mm^2
@@ -163,19 +162,9 @@ class AnomalyResult:
 
 def resolve_model(model: str | os.PathLike[str] | ModelBundle | None, *, device: str = "cpu") -> ModelBundle:
     """A loaded anomaly model: None or "demo" is the bundled demo model; a folder is loaded; a bundle is checked."""
-    if isinstance(model, ModelBundle):
-        bundle = model
-        if bundle.kind != "anomaly":
-            raise ModelError(f"wrong kind of model: this one is for {bundle.kind!r}, this task needs 'anomaly'",
-                             path=bundle.path, fix="give a model trained with `diffusion-engine train anomaly`")
-    else:
-        if model in DEMO_NAMES:
-            if not (DEMO_MODEL / "model.json").is_file():
-                raise ModelError("the demo anomaly model is not bundled with this installation yet", path=DEMO_MODEL,
-                                 fix="pass --model MODEL_FOLDER with a model trained by `diffusion-engine train "
-                                     "anomaly` (then calibrated with `diffusion-engine calibrate anomaly`)")
-            model = DEMO_MODEL
-        bundle = load_bundle(model, kind="anomaly", device=resolve_device(device))
+    bundle = resolve_bundle(model, "anomaly", demo=DEMO_MODEL, device=device,
+                            fix="pass --model MODEL_FOLDER with a model trained by `diffusion-engine train "
+                                "anomaly` (then calibrated with `diffusion-engine calibrate anomaly`)")
     model_spec(bundle)
     return bundle
 

@@ -361,6 +361,28 @@ def load_bundle(path: str | os.PathLike[str], *, kind: str | None = None,
     return _load(path, kind, device)
 
 
+DEMO_NAMES = (None, "demo")  # what --model means when it names the bundled demo model
+
+
+def resolve_bundle(model: str | os.PathLike[str] | ModelBundle | None, kind: str, *, demo: Path, device: str = "cpu",
+                   fix: str) -> ModelBundle:
+    """A loaded ``kind`` bundle: None or "demo" is the bundled demo model in ``demo``; a folder is loaded onto
+    ``device`` ("auto", "cpu", ...); an already loaded bundle is checked. ``fix`` tells the user what to pass when
+    no demo model is bundled."""
+    from ..devices import resolve_device
+
+    if isinstance(model, ModelBundle):
+        if model.kind != kind:
+            raise ModelError(f"wrong kind of model: this one is for {model.kind!r}, this task needs {kind!r}",
+                             path=model.path, fix=f"give a model trained with `diffusion-engine train {kind}`")
+        return model
+    if model in DEMO_NAMES:
+        if not (demo / CONFIG_NAME).is_file():
+            raise ModelError(f"the demo {kind} model is not bundled with this installation", path=demo, fix=fix)
+        model = demo
+    return load_bundle(model, kind=kind, device=resolve_device(device))
+
+
 def load_model(path: str | os.PathLike[str], network: str | None = None, *,
                device: torch.device | str = "cpu") -> nn.Module:
     """The bundle's only network, or the one named ``network``: callable as ``net(x, t, y=None)``."""
