@@ -207,7 +207,7 @@ def test_evaluation_end_to_end(small_bundle: Path, resplit_cohort: Path, tmp_pat
     reference = segment_slices(bundle, data.images, replace(settings, decision=True),
                                pixel_area_mm2=pixel_areas(data))
     main = runs["anofpdm"]
-    assert main.all_masks.any()
+    assert main.score.any()  # (the random model's masks lie almost all outside the brain, where none are kept)
     np.testing.assert_array_equal(main.mixed_masks, reference.mask.astype(bool))
     np.testing.assert_array_equal(main.decided_unhealthy, reference.unhealthy)
     assert main.evaluations_per_slice == 2 * 2  # two grid steps, guided + null in one call each
@@ -235,6 +235,7 @@ def test_evaluation_end_to_end(small_bundle: Path, resplit_cohort: Path, tmp_pat
         assert not (run.all_masks & ~evaluation.brain).any()
     assert runs["reconstruction"].evaluations_per_slice == 1 + 2 * 2  # grid 0, 100
     for run in runs.values():
+        assert not (run.all_masks & ~evaluation.brain).any()  # every method's masks stay inside the brain
         assert run.metrics["mixed"]["slices"] == len(data)
         assert run.metrics["unhealthy"]["slices"] == lesion_slices
         assert not (run.mixed_masks & ~run.all_masks).any()

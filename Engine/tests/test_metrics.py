@@ -159,3 +159,20 @@ def test_protocol_settings_and_cases() -> None:
 
 def test_image_accuracy() -> None:
     assert image_accuracy([1, 0, 1, 1], [1, 1, 1, 0]) == 0.5
+
+
+def test_ms_ssim_is_one_for_identical_images_and_falls_with_noise_and_blur():
+    from scipy.ndimage import gaussian_filter
+
+    from diffusion_engine.metrics import ms_ssim
+
+    rng = np.random.default_rng(0)
+    image = gaussian_filter(rng.random((64, 64)), 2.0)
+    image = (image - image.min()) / np.ptp(image)
+    assert ms_ssim(image, image) == pytest.approx(1.0)
+    slightly, badly = (np.clip(image + s * rng.standard_normal(image.shape), 0, 1) for s in (0.02, 0.2))
+    assert 1.0 > ms_ssim(image, slightly) > ms_ssim(image, badly) > 0.0
+    assert ms_ssim(image, slightly) == pytest.approx(ms_ssim(slightly, image))
+    assert ms_ssim(image, gaussian_filter(image, 3.0)) < ms_ssim(image, gaussian_filter(image, 1.0))
+    with pytest.raises(ValueError, match="2-D"):
+        ms_ssim(image, image[:32])

@@ -167,6 +167,21 @@ def test_same_seed_same_cohort_other_seed_other_cohort(tmp_path: Path) -> None:
         assert np.array_equal(_array(a.mask), _array(b.mask))
 
 
+def test_noise_free_cohort_is_the_same_subject_without_scanner_noise(tmp_path: Path) -> None:
+    noisy, clean = (make_anomaly_cohort(tmp_path / name, subjects=3, spacing=SPACING, seed=4, noise_free=free)
+                    for name, free in (("noisy", False), ("clean", True)))
+    for a, b in zip(read_manifest(noisy).rows, read_manifest(clean).rows, strict=True):
+        with_noise, without = _array(a.images["t1"]), _array(b.images["t1"])
+        brain = without > 0
+        assert np.array_equal(with_noise == 0, ~brain)  # same anatomy and brain mask
+        residual = (with_noise - without)[brain] / np.median(without[brain])
+        assert 0.005 < residual.std() < 0.08  # only the scanner noise differs (1.5-4 % of white matter)
+        # and that difference is white (uncorrelated between neighbouring voxels): scanner noise, not anatomy
+        both = brain[:, :, 1:] & brain[:, :, :-1]
+        difference = with_noise - without
+        assert abs(np.corrcoef(difference[:, :, 1:][both], difference[:, :, :-1][both])[0, 1]) < 0.15
+
+
 def test_mixed_alternates_standard_and_hard_subjects(tmp_path: Path, standard: Path, hard: Path) -> None:
     mixed = make_anomaly_cohort(tmp_path / "mixed", subjects=6, spacing=SPACING, seed=3, difficulty="mixed")
     for index, rows in enumerate(zip(*(read_manifest(m).rows for m in (mixed, standard, hard)), strict=True)):

@@ -290,7 +290,58 @@ def test_degradations():
     assert bool((lines.known.amin(dim=3) == lines.known.amax(dim=3)).all())
     box = degrade.drop_box(x, 8, generator)
     assert int((box.known == 0).sum()) == 4 * 64
+    within = torch.zeros(4, 1, 32, 32, dtype=torch.bool)
+    within[:, :, 20:24, 2:6] = True  # a small region near the left edge: the square is centred on it
+    inside = degrade.drop_box(x, 8, generator, within=within)
+    assert int((inside.known == 0).sum()) == 4 * 64
+    assert bool((inside.known[within] == 0).all())
     constant = torch.full((1, 1, 32, 32), 0.3)
     assert torch.allclose(degrade.downsample(constant, 4).image, constant)
     with pytest.raises(ValueError):
         degrade.downsample(x, 3)
+
+
+def test_training_crops_are_windows_of_their_slices_and_bad_crops_are_refused():
+    from diffusion_engine.errors import InputError
+    from diffusion_engine.restore import training
+
+    images = torch.arange(3 * 64 * 64, dtype=torch.float32).reshape(3, 1, 64, 64)
+    crops = training.random_crops(images, 32, torch.Generator().manual_seed(0))
+    assert crops.shape == (3, 1, 32, 32)
+    for image, crop in zip(images, crops, strict=True):
+        top, left = divmod(int(crop[0, 0, 0] - image[0, 0, 0]), 64)
+        assert torch.equal(crop, image[:, top:top + 32, left:left + 32])
+    for crop in (20, 8, 128):
+        with pytest.raises(InputError, match="crop size"):
+            training._check("denoise", "ddpm", (), (0.02, 0.3), crop, 64)
+
+
+@pytest.mark.parametrize("start", [1.0, 0.3, 0.02])
+def test_truncated_chains_with_an_exact_predictor_return_the_target(start):
+    """The chain started part-way from the diffused condition is still a valid reverse process: an exact noise
+    predictor (which knows the target) recovers the target from any start, for DDIM and for CVDM sampling."""
+    from diffusion_engine.schedule import linear_schedule
+
+    generator = torch.Generator().manual_seed(0)
+    target = torch.rand(2, 1, 16, 16, generator=generator) * 2 - 1
+    condition = target + 0.3 * torch.randn(target.shape, generator=generator)
+    schedule = linear_schedule(1000)
+    abar = torch.as_tensor(schedule.alphas_cumprod, dtype=torch.float32)
+
+    class Exact(torch.nn.Module):
+        def forward(self, x, t):
+            a = abar[t].reshape(-1, 1, 1, 1)
+            return (x[:, :1] - a.sqrt() * target) / (1 - a).sqrt()
+
+    out = conditional.sample_conditional(Exact(), schedule, condition, steps=20, probabilistic=False,
+                                         generator=generator, start=start)
+    assert torch.allclose(out, target, atol=1e-4)
+
+    class ExactCVDM(torch.nn.Module):
+        def forward(self, x, t):  # input: z, condition, gamma map
+            gamma = x[:, 2:3]
+            return (x[:, :1] - gamma.sqrt() * target) / (1 - gamma).sqrt()
+
+    learned = cvdm.LearnedSchedule("linear")
+    out = cvdm.sample(ExactCVDM(), learned, condition, steps=50, generator=generator, start=start)
+    assert torch.allclose(out, target, atol=1e-3)

@@ -122,3 +122,32 @@ def test_cli_restore_refuses_an_uncertainty_map_from_one_sample(tmp_path, ddpm_m
     assert cli.main([*argv, "--uncertainty", str(tmp_path / "u.nii.gz")]) == 2
     assert cli.main([*argv, "--report", str(tmp_path / "r.json")]) == 0
     assert _same_grid(sitk.ReadImage(str(tmp_path / "out.nii.gz")), _head())
+
+
+def test_sampling_start_calibration_is_stored_and_used(tmp_path, anomaly_cohort):
+    from diffusion_engine.errors import InputError
+    from diffusion_engine.restore.calibration import calibrate_start
+    from diffusion_engine.restore.pipeline import sample_restorations
+
+    torch.manual_seed(0)
+    model = build_restore_model("superres", "cvdm-linear", preset="tiny-conv", image_size=SIZE, modality="t1",
+                                info={"factors": [2]})
+    folder = save_restore_model(tmp_path / "sr", model, {})
+    assert load_restore_model(folder).sampling_start == 1.0  # uncalibrated: the papers' chain from noise
+    record = calibrate_start(folder, anomaly_cohort, split="val", starts=(0.1, 1.0), slices=3, cvdm_steps=4)
+    assert set(record["psnr_by_start"]) == {"0.1", "1"}
+    assert record["value"] == max((float(k) for k in record["psnr_by_start"]),
+                                  key=lambda k: record["psnr_by_start"][f"{k:g}"])
+    loaded = load_restore_model(folder)
+    assert loaded.sampling_start == record["value"] and loaded.learned is not None  # the CVDM schedule survives
+    # the start changes the restoration; an explicit start overrides the calibrated one
+    condition = torch.rand(2, 1, SIZE, SIZE) * 2 - 1
+    bar = type("Bar", (), {"update": lambda self, n=1: None})()
+    short, _, _ = sample_restorations(loaded, condition, RestoreSettings(cvdm_steps=4, start=0.1), bar)
+    full, _, _ = sample_restorations(loaded, condition, RestoreSettings(cvdm_steps=4, start=1.0), bar)
+    assert not torch.allclose(short, full)
+    with pytest.raises(InputError, match="no start to calibrate"):
+        calibrate_start(save_restore_model(tmp_path / "dn", build_restore_model("denoise", "ddpm", image_size=SIZE),
+                                           {}), anomaly_cohort)
+    with pytest.raises(InputError, match=r"outside \(0, 1\]"):
+        restore_volume(loaded, _head(), "superres", settings=RestoreSettings(factor=2, start=0.0))

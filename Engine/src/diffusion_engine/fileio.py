@@ -42,3 +42,14 @@ def plain_permissions(path: Path) -> None:
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def results_folder(path: str | os.PathLike[str]) -> Path:
+    """The folder an evaluation writes its results into, created when missing."""
+    from .errors import InputError
+
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise InputError("exists and is not a folder", path=folder, fix="choose an output folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder

@@ -197,3 +197,39 @@ def protocol_metrics(*, mixed_masks: Any, all_masks: Any, truth: Any, scores: An
         "healthy_cases": len(healthy_cases),
     }
     return {"mixed": mixed, "unhealthy": unhealthy, "cases": {"per_case_dice": per_case, **summary}}
+
+
+# -- image similarity -----------------------------------------------------------------------------------------
+
+MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang, Simoncelli & Bovik 2003, finest scale first
+
+
+def ms_ssim(a: np.ndarray, b: np.ndarray, *, data_range: float = 1.0, scales: int = 3) -> float:
+    """Multi-scale SSIM of two 2-D images (Gaussian window sigma 1.5, K1 0.01, K2 0.03).
+
+    The published five scales need images of at least 161 pixels; model slices (64 px) get the first ``scales``
+    weights renormalised. Contrast-structure at every scale, luminance at the coarsest; 2x2 averaging between.
+    """
+    from scipy.ndimage import gaussian_filter
+
+    if a.shape != b.shape or a.ndim != 2:
+        raise ValueError(f"ms_ssim needs two 2-D images of one shape, got {a.shape} and {b.shape}")
+    weights = np.asarray(MS_SSIM_WEIGHTS[:scales]) / sum(MS_SSIM_WEIGHTS[:scales])
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    x, y = a.astype(np.float64), b.astype(np.float64)
+    value = 1.0
+    for scale, weight in enumerate(weights):
+        def blur(v: np.ndarray) -> np.ndarray:
+            return gaussian_filter(v, 1.5, truncate=3.5, mode="reflect")
+
+        mx, my = blur(x), blur(y)
+        vx, vy, cov = blur(x * x) - mx * mx, blur(y * y) - my * my, blur(x * y) - mx * my
+        contrast_structure = float(np.mean((2 * cov + c2) / (vx + vy + c2)))
+        if scale == len(weights) - 1:
+            luminance = float(np.mean((2 * mx * my + c1) / (mx * mx + my * my + c1)))
+            return value * max(luminance * contrast_structure, 0.0) ** weight
+        value *= max(contrast_structure, 0.0) ** weight
+        height, width = (s - s % 2 for s in x.shape)
+        x = x[:height, :width].reshape(height // 2, 2, width // 2, 2).mean(axis=(1, 3))
+        y = y[:height, :width].reshape(height // 2, 2, width // 2, 2).mean(axis=(1, 3))
+    return value

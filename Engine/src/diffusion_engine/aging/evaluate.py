@@ -31,7 +31,7 @@ import torch
 from scipy import ndimage
 
 from ..errors import InputError
-from ..fileio import atomic_path, write_text_atomic
+from ..fileio import atomic_path, results_folder, write_text_atomic
 from ..manifest import ManifestRow, read_manifest
 from ..nets.bundle import ModelBundle
 from ..progress import track
@@ -430,10 +430,7 @@ def _plain(value: Any) -> Any:
 def write_evaluation(evaluation: AgingEvaluation, out: str | os.PathLike[str], *, command: str | None = None,
                      figure: bool = True) -> dict[str, str]:
     """results.md, results.json and (optionally) figure.png in ``out``; returns {label: path}."""
-    folder = Path(out)
-    if folder.exists() and not folder.is_dir():
-        raise InputError("exists and is not a folder", path=folder, fix="choose an output folder")
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = results_folder(out)
     data = {"command": command, "info": evaluation.info, "summary": evaluation.summary, "checks": evaluation.checks,
             "subjects": evaluation.per_subject}
     write_text_atomic(folder / "results.json", json.dumps(_plain(data), indent=1, allow_nan=False) + "\n")

@@ -45,7 +45,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import InputError, ModelError
-from ..fileio import atomic_path, write_text_atomic
+from ..fileio import atomic_path, results_folder, write_text_atomic
 from ..metrics import brain_pixels, protocol_metrics
 
 if TYPE_CHECKING:
@@ -208,7 +208,7 @@ def _run_anofpdm(bundle: ModelBundle, data: SliceSet, base: AnomalySettings, var
     values = resolve_values(bundle, settings, len(model_spec(bundle).scored))
     run, forward_seconds = _forward_pass(bundle, data, settings, values, f"{variant.label} ({split})", cache)
     started = time.perf_counter()
-    results = segment_from_forward(run, settings, values, pixel_area_mm2=areas)
+    results = segment_from_forward(run, settings, values, brain=brain_pixels(data.images), pixel_area_mm2=areas)
     seconds = forward_seconds + time.perf_counter() - started
     thr_01 = results.values.get("thr_01", {}).get("value")
     if thr_01 is None:
@@ -585,10 +585,7 @@ def _slice_dice(run: MethodRun, evaluation: Evaluation, index: int) -> str:
 def write_evaluation(evaluation: Evaluation, out: str | os.PathLike[str], *, command: str | None = None,
                      figure: bool = True) -> dict[str, str]:
     """results.md, results.json and (optionally) figure.png in ``out``; returns {label: path}."""
-    folder = Path(out)
-    if folder.exists() and not folder.is_dir():
-        raise InputError("exists and is not a folder", path=folder, fix="choose an output folder")
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = results_folder(out)
     outputs = {}
     write_text_atomic(folder / "results.json",
                       json.dumps(results_json(evaluation, command), indent=2, allow_nan=False) + "\n")

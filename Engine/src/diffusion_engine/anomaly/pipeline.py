@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from .. import __version__
 from ..devices import resolve_device
 from ..errors import InputError, ModelError
+from ..metrics import brain_pixels
 from ..nets.bundle import ModelBundle, resolve_bundle
 from ..progress import Progress, warn
 from ..schedule import timestep_grid
@@ -520,17 +521,21 @@ def segment_slices(bundle: ModelBundle, slices: np.ndarray | torch.Tensor, setti
     data = _as_tensor(slices, spec)
     values = resolve_values(bundle, settings, len(spec.scored))
     run = run_forward(bundle, data, settings, w=values["w"]["value"], task=task)
-    return segment_from_forward(run, settings, values, pixel_area_mm2=pixel_area_mm2)
+    return segment_from_forward(run, settings, values, brain=brain_pixels(data.numpy()), pixel_area_mm2=pixel_area_mm2)
 
 
 # settings that change the forward pass itself; the others only post-process its statistics
 FORWARD_PASS_KEYS = ("w", "t_max", "stride", "encoding", "noise_scale", "early_stop", "seed")
 
 
-def segment_from_forward(run: ForwardRun, settings: AnomalySettings, values: dict, *,
+def segment_from_forward(run: ForwardRun, settings: AnomalySettings, values: dict, *, brain: np.ndarray,
                          pixel_area_mm2: float | np.ndarray | None = None) -> SliceResults:
     """Decision, anomaly map, Algorithm-1 threshold and masks from one forward pass; ``values`` as resolve_values
-    gives them. Settings outside FORWARD_PASS_KEYS can change here without a new pass."""
+    gives them. Settings outside FORWARD_PASS_KEYS can change here without a new pass.
+
+    Masks are kept inside ``brain`` [N, H, W] (metrics.brain_pixels of the input slices), as the baselines' are:
+    the map also lights up where the crop or padding meets the head, and a lesion outside the brain is no finding.
+    """
     count = run.peak_step.shape[0]
     cosine = cosine_similarity(run.mse_healthy, run.mse_reference)
     if settings.decision:
@@ -543,7 +548,7 @@ def segment_from_forward(run: ForwardRun, settings: AnomalySettings, values: dic
                      quantile=settings.quantile, threshold=settings.threshold,
                      median_size=None if settings.median_size == 1 else settings.median_size, max_component_size=0)
     limits = component_limits(count, settings.min_component_mm2, pixel_area_mm2)
-    mask = result.mask.clone()
+    mask = result.mask & torch.as_tensor(np.asarray(brain, dtype=bool))
     for limit in np.unique(limits):
         rows = torch.from_numpy(np.flatnonzero(limits == limit))
         if limit > 0:

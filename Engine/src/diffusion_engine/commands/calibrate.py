@@ -1,5 +1,6 @@
-"""``diffusion-engine calibrate anomaly``: guidance strength, decision threshold and M_max of an anomaly model from
-validation cases with image-level labels, stored in the model folder's model.json."""
+"""``diffusion-engine calibrate anomaly|restore``: an anomaly model's guidance strength, decision threshold and M_max
+from validation cases with image-level labels; a restoration model's sampling start from clean validation slices.
+Stored in the model folder's model.json."""
 
 from __future__ import annotations
 
@@ -30,6 +31,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_run_options(anomaly)
     anomaly.set_defaults(run=run_anomaly)
 
+    restore = methods.add_parser(
+        "restore", help="restoration: where a conditional or CVDM model's sampling chain starts",
+        description="Restore degraded 'val' slices (clean ground truth, e.g. a `phantoms --noise-free` cohort) "
+                    "with the chain started at each candidate level (1 = from pure noise, as the papers do; "
+                    "below 1 = from the degraded image diffused to that level) and store the start with the best "
+                    "PSNR inside the head. `restore` then uses it unless --start is given.")
+    restore.add_argument("--model", required=True, help="model folder to calibrate (its model.json is updated)")
+    restore.add_argument("--manifest", required=True, help="manifest.csv with clean volumes; 'val' split used")
+    restore.add_argument("--starts", type=_floats, default=None,
+                         help="comma-separated chain starts in (0, 1] (default 0.05,0.1,0.2,0.3,0.5,1)")
+    restore.add_argument("--slices", type=int, default=16, help="validation slices (default 16)")
+    restore.add_argument("--seed", type=int, default=0)
+    restore.set_defaults(run=run_restore)
+
 
 def run_anomaly(args: argparse.Namespace) -> dict[str, str]:
     from ..anomaly.calibrate import DEFAULT_W_GRID, calibrate_model
@@ -41,4 +56,14 @@ def run_anomaly(args: argparse.Namespace) -> dict[str, str]:
     print(f"w = {values['w']:g}, thr_01 = {values['thr_01']:.6g}, M_max = "
           f"{', '.join(f'{v:.4g}' for v in values['m_max'])} (validation accuracy {best:.3f} at best; "
           f"{record['slices']} slices, {record['unhealthy_slices']} unhealthy)", file=sys.stderr)
+    return {"model": args.model}
+
+
+def run_restore(args: argparse.Namespace) -> dict[str, str]:
+    from ..restore.calibration import DEFAULT_STARTS, calibrate_start
+
+    record = calibrate_start(args.model, args.manifest, starts=args.starts or DEFAULT_STARTS, slices=args.slices,
+                             seed=args.seed)
+    scores = ", ".join(f"{start}: {psnr:.2f} dB" for start, psnr in record["psnr_by_start"].items())
+    print(f"sampling start {record['value']:g} (validation PSNR by start: {scores})", file=sys.stderr)
     return {"model": args.model}

@@ -15,6 +15,7 @@ contrast, bias field and noise; the output folder holds NIfTI files, manifest.cs
   aging     T1, FLAIR and a lateral-ventricle mask per subject at a baseline age and a follow-up age:
             ventricles enlarge, the cortex thins and white-matter hyperintensities grow with age.
 
+--noise-free leaves out the scanner noise: clean ground truth for restoration (degrade it, restore, compare).
 The folder is written in full or not at all (a failure or a cancel leaves nothing behind).
 """
 
@@ -55,6 +56,8 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same cohort (default 0)")
     parser.add_argument("--split", default="0.6,0.2,0.2", metavar="TRAIN,VAL,TEST",
                         help="fractions of subjects per split (default 0.6,0.2,0.2)")
+    parser.add_argument("--noise-free", action="store_true",
+                        help="no scanner noise (clean ground truth for restoration evaluation)")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier cohort in --out")
 
 
@@ -70,7 +73,7 @@ def run_anomaly(args: argparse.Namespace) -> dict[str, str]:
 
     manifest = make_anomaly_cohort(args.out, args.subjects, args.spacing, args.seed,
                                    healthy_fraction=args.healthy_fraction, difficulty=args.difficulty,
-                                   split=args.split, overwrite=args.overwrite)
+                                   split=args.split, overwrite=args.overwrite, noise_free=args.noise_free)
     return _outputs(manifest)
 
 
@@ -79,5 +82,5 @@ def run_aging(args: argparse.Namespace) -> dict[str, str]:
 
     manifest = make_aging_cohort(args.out, args.subjects, args.spacing, args.seed, min_gap=args.min_gap,
                                  max_gap=args.max_gap, age_range=args.age_range, split=args.split,
-                                 overwrite=args.overwrite)
+                                 overwrite=args.overwrite, noise_free=args.noise_free)
     return _outputs(manifest)

@@ -17,7 +17,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "Several samples give a per-voxel variance (uncertainty) map. Outputs keep the input's exact "
                     "geometry; voxels the model does not see keep their input values. Research software.")
     parser.add_argument("--task", choices=TASKS, required=True)
-    parser.add_argument("--model", required=True, help="restoration model folder (from `train restore`)")
+    parser.add_argument("--model", default="demo",
+                        help="restoration model folder (from `train restore`); default: the bundled demo model for "
+                             "the task")
     parser.add_argument("--input", required=True, metavar="IMAGE", help="volume to restore")
     parser.add_argument("--output", required=True, metavar="FILE", help="restored volume to write")
     parser.add_argument("--mask", metavar="FILE", help="impute: missing voxels (non-zero), on the input's grid")
@@ -31,6 +33,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="matched denoising: deterministic DDIM (default) or stochastic DDPM steps")
     parser.add_argument("--cycles", type=int, default=1, help="matched denoising: repeated passes")
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps (CVDM uses 200 ancestral steps)")
+    parser.add_argument("--start", type=float, default=None, metavar="FRACTION",
+                        help="conditional/CVDM: where the sampling chain starts, in (0, 1]; 1 = from pure noise "
+                             "(the papers); default: the model's calibrated start (`calibrate restore`)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto (GPU if available), cpu, cuda, ...")
     parser.set_defaults(run=run)
@@ -40,21 +45,24 @@ def run(args: argparse.Namespace) -> dict[str, str]:
     from ..devices import resolve_device
     from ..errors import InputError
     from ..fileio import write_text_atomic
+    from ..restore.model import load_restore_model
     from ..restore.pipeline import RestoreSettings, restore_volume
     from ..volume import write_image
 
     if args.uncertainty and args.samples < 2:
         raise InputError("an uncertainty map needs at least 2 samples", fix="pass --samples 2 or more")
+    model = load_restore_model(args.model, task=args.task, device=str(resolve_device(args.device)))
+    if args.schedule_map and not model.has_schedule_map:
+        raise InputError("only CVDM models with a pixel-wise schedule have a learned schedule map",
+                         path=model.path, fix="leave out --schedule-map")
     settings = RestoreSettings(samples=args.samples, sampler=args.sampler, cycles=args.cycles, steps=args.steps,
-                               factor=args.factor, sigma=args.sigma, seed=args.seed,
+                               factor=args.factor, sigma=args.sigma, seed=args.seed, start=args.start,
                                device=str(resolve_device(args.device)))
-    result = restore_volume(args.model, args.input, args.task, settings=settings, mask=args.mask)
+    result = restore_volume(model, args.input, args.task, settings=settings, mask=args.mask)
     outputs = {"output": str(write_image(result.image, args.output))}
     if args.uncertainty and result.uncertainty is not None:
         outputs["uncertainty"] = str(write_image(result.uncertainty, args.uncertainty))
     if args.schedule_map:
-        if result.schedule_map is None:
-            raise InputError("only CVDM models have a learned schedule map", fix="leave out --schedule-map")
         outputs["schedule_map"] = str(write_image(result.schedule_map, args.schedule_map))
     if args.report:
         write_text_atomic(Path(args.report), json.dumps(result.report, indent=1, default=str))

@@ -74,6 +74,9 @@ def add_restore_parser(methods: argparse._SubParsersAction) -> None:
     restore.add_argument("--sigma-range", type=float, nargs=2, default=[0.02, 0.3], metavar=("LOW", "HIGH"),
                          help="denoise: Rician sigma range, in units of the normalised range [-1, 1]")
     restore.add_argument("--temperature", type=float, default=1.0, help="p_cond temperature T_c (paper: 1)")
+    restore.add_argument("--crop", type=int, default=None, metavar="PIXELS",
+                         help="train on random square crops of this size (with the convolutional preset "
+                              "tiny-conv: about 4x faster per step at 32)")
     restore.set_defaults(run=run_restore)
 
 
@@ -116,8 +119,9 @@ def run_restore(args: argparse.Namespace) -> dict[str, str]:
 
     out = train_restore_model(args.manifest, args.out, task=args.task, method=args.method, modality=args.modality,
                               preset=args.preset, image_size=args.image_size, factors=args.factors,
-                              sigma_range=args.sigma_range, temperature=args.temperature, settings=_settings(args),
-                              work_dir=Path(args.work_dir) if args.work_dir else None)
+                              sigma_range=args.sigma_range, temperature=args.temperature, crop=args.crop,
+                              settings=_settings(args), work_dir=Path(args.work_dir) if args.work_dir else None)
+    record_command(out, args)
     return {"model": str(out)}
 
 

@@ -28,6 +28,19 @@ PRESETS: dict[str, dict[str, Any]] = {
             "use_new_attention_order": False,
         },
     },
+    # Restoration is local: with attention only in the middle block (guided-diffusion always has that one) the
+    # UNet trains on small crops (four times cheaper per step at 32 px) and applies to slices of any size.
+    "tiny-conv": {
+        "class": "UNetModel",
+        "description": "epsilon UNet without attention outside its middle block, width 32, about 1.5M parameters; "
+                       "trains on crops",
+        "config": {
+            "image_size": 64, "in_channels": 1, "model_channels": 32, "out_channels": 1, "num_res_blocks": 1,
+            "attention_resolutions": [], "dropout": 0.0, "channel_mult": [1, 2, 2, 2], "num_classes": None,
+            "num_heads": 1, "num_head_channels": -1, "use_scale_shift_norm": True, "resblock_updown": False,
+            "use_new_attention_order": False,
+        },
+    },
     "small": {
         "class": "UNetModel",
         "description": "64x64 epsilon UNet, width 64, about 10M parameters; CPU training in hours",

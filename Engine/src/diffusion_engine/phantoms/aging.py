@@ -102,7 +102,8 @@ class Visit:
 class AgingSubject:
     """A subject whose anatomy can be rendered at any age."""
 
-    def __init__(self, anatomy: Anatomy, seed: int, index: int):
+    def __init__(self, anatomy: Anatomy, seed: int, index: int, *, noise_free: bool = False):
+        self.noise_free = noise_free
         self.subject: Subject = make_subject(anatomy, seed, index)
         self.profile = AgingProfile.draw(self.subject.rng("aging"))
         self.appearance: Appearance = draw_appearance(anatomy.shape, anatomy.spacing, self.subject.rng("appearance"),
@@ -123,7 +124,7 @@ class AgingSubject:
         return self.subject.name
 
     def visit(self, age: float, number: int) -> Visit:
-        """The subject at ``age`` years; ``number`` only seeds the scan noise."""
+        """The subject at ``age`` years; ``number`` only seeds the scan noise (none for a noise-free subject)."""
         coords = self._expanded(self.profile.expansion_mm(age))
         space = self.subject.space(coords)
         tissues = dict(space.tissues)
@@ -134,7 +135,7 @@ class AgingSubject:
         score = proximity * (1.0 + 0.5 * self._wmh_field) + 0.12 * self._wmh_field
         wmh = soft_inside((self.profile.wmh_threshold(age) - score) / 0.05) * np.clip(1.5 * tissues["wm"], 0.0, 1.0)
         compartments = [Compartment(wmh, self._wmh_levels)]
-        noise = self.subject.rng(f"noise visit {number}")
+        noise = None if self.noise_free else self.subject.rng(f"noise visit {number}")
         images = {m: render(self.appearance, m, tissues, space.brain, compartments, noise) for m in AGING_MODALITIES}
         ventricles = (self.subject.sample(self.subject.anatomy.ventricles, coords) >= 0.5) & space.brain
         return Visit(age=age, images=images, ventricles=ventricles.astype(np.uint8))

@@ -25,7 +25,8 @@ class AnomalyCase:
     mask: np.ndarray  # uint8 lesion mask, empty for healthy subjects
 
 
-def anomaly_case(anatomy: Anatomy, seed: int, index: int, *, healthy: bool, difficulty: str) -> AnomalyCase:
+def anomaly_case(anatomy: Anatomy, seed: int, index: int, *, healthy: bool, difficulty: str,
+                 noise_free: bool = False) -> AnomalyCase:
     """Synthesise subject ``index``: its anatomy, appearance, (hard) artefacts and, unless healthy, lesions."""
     subject = make_subject(anatomy, seed, index)
     space = subject.space()
@@ -38,6 +39,6 @@ def anomaly_case(anatomy: Anatomy, seed: int, index: int, *, healthy: bool, diff
     if not healthy:
         lesions, mask = draw_lesions(space, STYLES[difficulty], subject.rng("lesions"))
         compartments += lesions
-    noise = subject.rng("noise")
+    noise = None if noise_free else subject.rng("noise")
     images = {m: render(appearance, m, space.tissues, space.brain, compartments, noise) for m in ANOMALY_MODALITIES}
     return AnomalyCase(name=subject.name, healthy=healthy, images=images, mask=mask)

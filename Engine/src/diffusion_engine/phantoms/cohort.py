@@ -34,12 +34,14 @@ MANIFEST, MONTAGE = "manifest.csv", "montage.png"
 
 def make_anomaly_cohort(out: str | os.PathLike[str], subjects: int = 40, spacing: float = 2.0, seed: int = 0, *,
                         healthy_fraction: float = 0.5, difficulty: str = "standard",
-                        split: str | Sequence[float] = DEFAULT_SPLIT, overwrite: bool = False) -> Path:
+                        split: str | Sequence[float] = DEFAULT_SPLIT, overwrite: bool = False,
+                        noise_free: bool = False) -> Path:
     """Write an anomaly-segmentation cohort into ``out`` and return the path of its manifest.
 
     Each subject: ``<case>_flair/_t2/_t1.nii.gz`` and ``<case>_mask.nii.gz`` (uint8 lesion mask, empty for
     healthy subjects). ``difficulty="hard"`` lowers the lesion contrast and adds bright non-lesion artefacts;
-    ``"mixed"`` alternates standard and hard subjects (a training cohort that covers both).
+    ``"mixed"`` alternates standard and hard subjects (a training cohort that covers both). ``noise_free`` leaves
+    out the scanner noise (clean ground truth for restoration).
     """
     subjects, spacing, seed, fractions = _check_common(subjects, spacing, seed, split)
     if not 0.0 <= float(healthy_fraction) <= 1.0:
@@ -56,7 +58,8 @@ def make_anomaly_cohort(out: str | os.PathLike[str], subjects: int = 40, spacing
     with staged_folder(out) as work, Progress(subjects, "phantoms anomaly", unit="subject") as bar:
         for index in range(subjects):
             subject_difficulty = DIFFICULTIES[index % 2] if difficulty == "mixed" else difficulty
-            case = anomaly_case(anatomy, seed, index, healthy=healthy[index], difficulty=subject_difficulty)
+            case = anomaly_case(anatomy, seed, index, healthy=healthy[index], difficulty=subject_difficulty,
+                                noise_free=noise_free)
             images = {m: write_volume(anatomy, case.images[m], work / f"{case.name}_{m}.nii.gz")
                       for m in ANOMALY_MODALITIES}
             mask = write_volume(anatomy, case.mask, work / f"{case.name}_mask.nii.gz")
@@ -75,11 +78,13 @@ def make_anomaly_cohort(out: str | os.PathLike[str], subjects: int = 40, spacing
 
 def make_aging_cohort(out: str | os.PathLike[str], subjects: int = 40, spacing: float = 2.0, seed: int = 0, *,
                       min_gap: float = 2.0, max_gap: float = 12.0, age_range: str | Sequence[float] = (55.0, 85.0),
-                      split: str | Sequence[float] = DEFAULT_SPLIT, overwrite: bool = False) -> Path:
+                      split: str | Sequence[float] = DEFAULT_SPLIT, overwrite: bool = False,
+                      noise_free: bool = False) -> Path:
     """Write a longitudinal aging cohort into ``out`` and return the path of its manifest.
 
     Each subject at a baseline age and ``gap`` years later (gap uniform in ``[min_gap, max_gap]``, both ages
-    within ``age_range``): ``<subject>_v<visit>_t1/_flair/_ventricles.nii.gz``.
+    within ``age_range``): ``<subject>_v<visit>_t1/_flair/_ventricles.nii.gz``. ``noise_free`` leaves out the
+    scanner noise.
     """
     subjects, spacing, seed, fractions = _check_common(subjects, spacing, seed, split)
     youngest, oldest = _numbers(age_range, 2, "age range", "--age-range 55,85")
@@ -92,7 +97,7 @@ def make_aging_cohort(out: str | os.PathLike[str], subjects: int = 40, spacing: 
     rows, panels = [], []
     with staged_folder(out) as work, Progress(subjects, "phantoms aging", unit="subject") as bar:
         for index in range(subjects):
-            person = AgingSubject(anatomy, seed, index)
+            person = AgingSubject(anatomy, seed, index, noise_free=noise_free)
             ages = _visit_ages(seed, index, youngest, oldest, min_gap, max_gap)
             visits = [person.visit(age, number) for number, age in enumerate(ages)]
             level = viewer.busiest_level(visits[0].ventricles)

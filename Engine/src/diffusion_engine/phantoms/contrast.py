@@ -72,8 +72,9 @@ def draw_appearance(shape: Sequence[int], spacing: float, rng: np.random.Generat
 
 
 def render(appearance: Appearance, modality: str, tissues: Mapping[str, np.ndarray], brain: np.ndarray,
-           compartments: Sequence[Compartment], noise_rng: np.random.Generator) -> np.ndarray:
-    """One sequence's image (float32), zero outside the binary ``brain`` mask."""
+           compartments: Sequence[Compartment], noise_rng: np.random.Generator | None) -> np.ndarray:
+    """One sequence's image (float32), zero outside the binary ``brain`` mask; no scanner noise without a noise rng
+    (the clean ground truth that restoration is scored against)."""
     levels = appearance.levels[modality]
     image = sum(tissues[t] * np.float32(levels[t]) for t in ("gm", "wm", "csf"))
     image *= appearance.texture
@@ -84,6 +85,9 @@ def render(appearance: Appearance, modality: str, tissues: Mapping[str, np.ndarr
             region = image[part.box]
             region += part.fraction * (np.asarray(ratio, dtype=np.float32) * white - region)
     image *= appearance.bias[modality]
+    if noise_rng is None:
+        image[~brain] = 0.0
+        return image.astype(np.float32, copy=False)
     sigma = np.float32(appearance.noise_std[modality])
     real = image + sigma * noise_rng.standard_normal(image.shape, dtype=np.float32)
     imaginary = sigma * noise_rng.standard_normal(image.shape, dtype=np.float32)

@@ -71,11 +71,20 @@ def guided_eps(network: nn.Module, x_t: torch.Tensor, condition: torch.Tensor, t
 def sample_conditional(network: nn.Module, schedule: Schedule, condition: torch.Tensor, *, channels: int = 1,
                        steps: int = 50, eta: float = 1.0, probabilistic: bool,
                        temperature: float = DEFAULT_TEMPERATURE, generator: torch.Generator | None = None,
-                       on_step: Callable[[], None] | None = None) -> torch.Tensor:
-    """x0 ~ p(x | condition) by DDIM from pure noise (``eta`` 1: DDPM-like stochastic, 0: deterministic)."""
+                       on_step: Callable[[], None] | None = None, start: float = 1.0) -> torch.Tensor:
+    """x0 ~ p(x | condition) by DDIM (``eta`` 1: DDPM-like stochastic, 0: deterministic).
+
+    ``start`` 1 is the paper's chain from pure noise. Below 1 the chain starts at step start * (T - 1) from the
+    degraded image diffused to that step (Chung et al.'s "come closer, diffuse faster"): the steps at the highest
+    noise, where a briefly trained model's x0 estimates are poorest, are skipped.
+    """
     shape = (condition.shape[0], channels, *condition.shape[2:])
     x = torch.randn(shape, generator=generator).to(condition.device)
-    grid = ddim_sampling_timesteps(schedule.num_timesteps, steps)
+    first = schedule.num_timesteps - 1 if start >= 1 else max(0, round(start * (schedule.num_timesteps - 1)))
+    if first < schedule.num_timesteps - 1:
+        steps_from = torch.full((shape[0],), first, dtype=torch.long, device=x.device)
+        x = q_sample(schedule, condition[:, :channels], steps_from, x)
+    grid = ddim_sampling_timesteps(first + 1, min(steps, first + 1))
     for current, previous in zip(grid, [*grid[1:], CLEAN], strict=True):
         t = torch.full((shape[0],), current, dtype=torch.long, device=x.device)
         eps = guided_eps(network, x, condition, t, probabilistic=probabilistic, temperature=temperature)

@@ -218,12 +218,19 @@ def discrete_schedule(schedule: LearnedSchedule, condition: torch.Tensor, steps:
 @torch.no_grad()
 def sample(eps_net: nn.Module, schedule: LearnedSchedule, condition: torch.Tensor, *, channels: int = 1,
            steps: int = SAMPLING_STEPS, generator: torch.Generator | None = None, clip: bool = True,
-           on_step: object = None) -> torch.Tensor:
-    """One ancestral sample y ~ p(y | x) per condition image [B, C, H, W] -> [B, channels, H, W]."""
+           on_step: object = None, start: float = 1.0) -> torch.Tensor:
+    """One ancestral sample y ~ p(y | x) per condition image [B, C, H, W] -> [B, channels, H, W].
+
+    ``start`` 1 is Algorithm 2 from pure noise; below 1 the chain starts at t = start from the condition image
+    diffused with the learned schedule to that time (as conditional.sample_conditional's ``start``).
+    """
     beta, gamma = discrete_schedule(schedule, condition, steps)
     shape = (condition.shape[0], channels, *condition.shape[2:])
     z = torch.randn(shape, generator=generator).to(condition.device)
-    for i in range(steps - 1, -1, -1):
+    first = steps - 1 if start >= 1 else max(0, round(start * steps) - 1)
+    if first < steps - 1:
+        z = gamma[first].sqrt() * condition[:, :channels] + (1.0 - gamma[first]).sqrt() * z
+    for i in range(first, -1, -1):
         g, b = gamma[i], beta[i]
         g_prev = gamma[i - 1] if i else torch.ones_like(g)
         eps = predict_noise(eps_net, z, condition, g)

@@ -65,13 +65,21 @@ def drop_lines(x: torch.Tensor, fraction: float, generator: torch.Generator | No
     return _apply_known(x, rows.expand(-1, -1, -1, x.shape[3]))
 
 
-def drop_box(x: torch.Tensor, size: int, generator: torch.Generator | None = None) -> Degraded:
-    """A size x size square at a random position missing in each slice (a masked region)."""
+def drop_box(x: torch.Tensor, size: int, generator: torch.Generator | None = None, *,
+             within: torch.Tensor | None = None) -> Degraded:
+    """A size x size square at a random position missing in each slice (a masked region); with ``within``
+    [B, 1, H, W] (e.g. the head) the square is centred on a random voxel of it, where a slice has one."""
     batch, _, height, width = x.shape
     if not 0 < size <= min(height, width):
         raise ValueError(f"box size {size} must be in 1..{min(height, width)}")
     top = torch.randint(height - size + 1, (batch,), generator=generator)
     left = torch.randint(width - size + 1, (batch,), generator=generator)
+    for i in range(batch if within is not None else 0):
+        inside = torch.nonzero(within[i, 0].cpu())
+        if len(inside):
+            row, column = inside[int(torch.randint(len(inside), (1,), generator=generator))].tolist()
+            top[i] = min(max(row - size // 2, 0), height - size)
+            left[i] = min(max(column - size // 2, 0), width - size)
     known = torch.ones((batch, 1, height, width), dtype=torch.bool)
     for i in range(batch):
         known[i, :, top[i]:top[i] + size, left[i]:left[i] + size] = False

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelError
-from ..nets.bundle import ModelBundle, load_bundle, save_bundle
+from ..nets.bundle import CONFIG_NAME, DEMO_NAMES, ModelBundle, load_bundle, save_bundle
 from ..schedule import Schedule
 from ..volume import Normalisation
 from .cvdm import LearnedSchedule
@@ -46,10 +46,22 @@ class RestoreModel:
     modality: str = "t1"
     info: dict[str, Any] = field(default_factory=dict)  # the bundle's labels section
     path: Path | None = None
+    sampling_start: float = 1.0  # calibrated start of the sampling chain (1 = from pure noise, the papers' chain)
 
     @property
     def is_cvdm(self) -> bool:
         return self.method in CVDM_KINDS
+
+    @property
+    def native_resolution(self) -> bool:
+        """Trained on crops: the model learned a local operation, so volumes are restored at their own pixel size
+        rather than resampled to the training slice size."""
+        return bool(self.info.get("crop"))
+
+    @property
+    def has_schedule_map(self) -> bool:
+        """Only CVDM's pixel-wise schedule varies over the image (global and linear ones are one number)."""
+        return self.learned is not None and self.learned.kind == "pixel"
 
 
 def _tensor_lists(module: nn.Module) -> dict[str, Any]:
@@ -91,8 +103,21 @@ def _learned_from_record(record: dict[str, Any], pixel_net: nn.Module | None, pa
     return learned.eval()
 
 
-def load_restore_model(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> RestoreModel:
-    """Load and check a restoration bundle."""
+def demo_model_folder(task: str) -> Path:
+    """Where the bundled demo model for ``task`` lives."""
+    return DEMO_FOLDER / f"restore-{task}-demo"
+
+
+def load_restore_model(path: str | os.PathLike[str] | None, *, task: str | None = None,
+                       device: str | torch.device = "cpu") -> RestoreModel:
+    """Load and check a restoration bundle; None or "demo" is the bundled demo model for ``task``."""
+    if path in DEMO_NAMES:
+        if task not in TASKS:
+            raise ModelError("the demo restoration model depends on the task", fix=f"name one of {', '.join(TASKS)}")
+        path = demo_model_folder(task)
+        if not (path / CONFIG_NAME).is_file():
+            raise ModelError(f"no demo {task} model is bundled with this installation", path=path,
+                             fix=f"train one with `diffusion-engine train restore --task {task}` and pass --model")
     bundle: ModelBundle = load_bundle(path, kind="restore", device=device)
     labels, config = bundle.config["labels"], bundle.config
     task, method = labels.get("task"), labels.get("method")
@@ -109,6 +134,8 @@ def load_restore_model(path: str | os.PathLike[str], *, device: str | torch.devi
     elif bundle.config["schedule"] is None:
         raise ModelError("the model records no noise schedule", path=bundle.path, fix="retrain the model")
     preprocessing = config["preprocessing"]
+    start = (config["calibration"] or {}).get("sampling_start", {}).get("value", 1.0)
     return RestoreModel(task=task, method=method, eps=bundle.networks["eps"], schedule=bundle.schedule(),
                         learned=learned, image_size=int(preprocessing["image_size"][0]),
-                        modality=preprocessing["modalities"][0], info=dict(labels), path=bundle.path)
+                        modality=preprocessing["modalities"][0], info=dict(labels), path=bundle.path,
+                        sampling_start=float(start))

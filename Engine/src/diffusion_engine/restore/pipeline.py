@@ -51,6 +51,7 @@ class RestoreSettings:
     cycles: int = 1
     steps: int = 50  # DDIM steps (conditional) / at most this many (matched denoising); CVDM uses its own 200
     cvdm_steps: int = cvdm.SAMPLING_STEPS
+    start: float | None = None  # conditional/CVDM chain start in (0, 1]; None: the model's calibrated start
     factor: int | None = None  # super-resolution factor the input has lost
     sigma: float | None = None  # known noise level in input units (skips the estimate)
     seed: int = 0
@@ -115,15 +116,20 @@ def _matched_denoise(model: RestoreModel, slices: torch.Tensor, sigma: float, se
 
 def _sample(model: RestoreModel, condition: torch.Tensor, seed: int, settings: RestoreSettings) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
+    start = model.sampling_start if settings.start is None else settings.start
     if model.is_cvdm:
-        return cvdm.sample(model.eps, model.learned, condition, steps=settings.cvdm_steps, generator=generator)
+        return cvdm.sample(model.eps, model.learned, condition, steps=settings.cvdm_steps, generator=generator,
+                           start=start)
     return sample_conditional(model.eps, model.schedule, condition, steps=settings.steps,
                               probabilistic=bool(model.info.get("probabilistic_conditioning")),
-                              temperature=float(model.info.get("temperature", 1.0)), generator=generator)
+                              temperature=float(model.info.get("temperature", 1.0)), generator=generator,
+                              start=start)
 
 
-def _conditional_restore(model: RestoreModel, condition: torch.Tensor, settings: RestoreSettings, bar: Progress
-                         ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+def sample_restorations(model: RestoreModel, condition: torch.Tensor, settings: RestoreSettings, bar: Progress
+                        ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Conditional/CVDM restoration of model-grid conditions [S, C, H, W]: the mean of ``settings.samples`` draws,
+    their per-pixel variance (None for one draw) and the learned schedule map (pixel-wise CVDM only)."""
     draws = []
     for k in range(settings.samples):
         parts = []
@@ -134,11 +140,31 @@ def _conditional_restore(model: RestoreModel, condition: torch.Tensor, settings:
         draws.append(torch.cat(parts))
     stack = torch.stack(draws)
     variance = stack.var(dim=0, unbiased=True) if settings.samples > 1 else None
-    schedule = cvdm.schedule_map(model.learned, condition) if model.is_cvdm else None
+    schedule = (torch.cat([cvdm.schedule_map(model.learned, condition[part]) for part in _chunks(len(condition))])
+                if model.has_schedule_map else None)  # in chunks: the schedule network on every slice at once is GBs
     return stack.mean(dim=0), variance, schedule
 
 
 # -- the volume API -----------------------------------------------------------------------------------------
+
+NETWORK_MULTIPLE = 8  # the UNets halve the slice three times
+
+
+def _slice_size(model: RestoreModel, case: Any) -> tuple[int, int]:
+    """The slice grid: the model's training size, or for a crop-trained model the input's own pixels (the crop
+    around the head padded to a square), so that restoration never resamples the input to a coarser grid."""
+    if not model.native_resolution:
+        return model.image_size, model.image_size
+    _, probe = to_model_slices(case, (model.image_size, model.image_size), normalisation=NORMALISATION)
+    return probe.padded_size
+
+
+def _pad_for_network(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Edge-replicate slices [S, C, H, W] up to multiples of NETWORK_MULTIPLE; returns them and the true size."""
+    height, width = x.shape[-2:]
+    rows, columns = (-height) % NETWORK_MULTIPLE, (-width) % NETWORK_MULTIPLE
+    padded = torch.nn.functional.pad(x, (0, columns, 0, rows), mode="replicate") if rows or columns else x
+    return padded, (height, width)
 
 
 def _check_task(model: RestoreModel, task: str, settings: RestoreSettings, mask: Any) -> None:
@@ -155,6 +181,9 @@ def _check_task(model: RestoreModel, task: str, settings: RestoreSettings, mask:
         raise InputError("imputation needs the mask of missing voxels", fix="pass --mask MISSING.nii.gz (1 = missing)")
     if settings.samples < 1:
         raise InputError(f"samples must be at least 1 (got {settings.samples})", fix="pass --samples 1 or more")
+    if settings.start is not None and not 0 < settings.start <= 1:
+        raise InputError(f"the sampling start {settings.start} is outside (0, 1]",
+                         fix="pass --start 1 for the full chain from noise, or a fraction such as 0.2")
 
 
 def _missing_mask(mask: Any, reference: sitk.Image, geometry: SliceGeometry) -> tuple[np.ndarray, np.ndarray]:
@@ -187,17 +216,20 @@ def _back(maps: np.ndarray, geometry: SliceGeometry, reference: np.ndarray | Non
     return out
 
 
-def restore_volume(model: str | os.PathLike[str] | RestoreModel, image: Any, task: str, *,
+def restore_volume(model: str | os.PathLike[str] | RestoreModel | None, image: Any, task: str, *,
                    settings: RestoreSettings | None = None, mask: Any = None) -> RestoreResult:
-    """Denoise, impute or super-resolve one volume (a path or a SimpleITK image) with a restoration model."""
+    """Denoise, impute or super-resolve one volume (a path or a SimpleITK image) with a restoration model
+    (a folder, a loaded model, or None / "demo" for the bundled demo model of ``task``)."""
     settings = settings or RestoreSettings()
     if not isinstance(model, RestoreModel):
-        model = load_restore_model(model, device=settings.device)
+        model = load_restore_model(model, task=task, device=settings.device)
     _check_task(model, task, settings, mask)
     case = read_case({model.modality: image}, (model.modality,))
-    slices, geometry = to_model_slices(case, (model.image_size, model.image_size), normalisation=NORMALISATION)
+    slices, geometry = to_model_slices(case, _slice_size(model, case), normalisation=NORMALISATION)
     reference = sitk.GetArrayFromImage(case.reference).astype(np.float32)
     report: dict[str, Any] = {"task": task, "method": model.method, "slices": len(slices)}
+    if model.method != "ddpm":
+        report["sampling_start"] = model.sampling_start if settings.start is None else settings.start
     x = torch.from_numpy(slices).to(settings.device)
     replace = None
     if task == "denoise":
@@ -231,12 +263,15 @@ def restore_volume(model: str | os.PathLike[str] | RestoreModel, image: Any, tas
         report.update(factor=settings.factor)
     total = len(slices) * (1 if model.method == "ddpm" else settings.samples)
     variance = schedule = None
+    x, size = _pad_for_network(x)
     with Progress(total, f"restore {task}", unit="slice") as bar:
         if model.method == "ddpm":
             restored, details = _matched_denoise(model, x, sigma_model, settings, bar)
             report.update(details)
         else:
-            restored, variance, schedule = _conditional_restore(model, x, settings, bar)
+            restored, variance, schedule = sample_restorations(model, x, settings, bar)
+    restored, variance, schedule = (None if v is None else v[..., :size[0], :size[1]]
+                                    for v in (restored, variance, schedule))
     result = RestoreResult(image=_back(restored[:, 0].cpu().numpy(), geometry, reference, replace),
                            report=report)
     if variance is not None:  # onls is linear: variance scales by (scale / 2)^2

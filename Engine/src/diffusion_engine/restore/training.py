@@ -53,11 +53,21 @@ def degrade_batch(x0: torch.Tensor, task: str, generator: torch.Generator, *, si
     return degrade.downsample(x0, factor).image
 
 
+def random_crops(images: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """One random ``size`` x ``size`` window of each slice [B, C, H, W]."""
+    height, width = images.shape[-2:]
+    tops = torch.randint(height - size + 1, (len(images),), generator=generator).tolist()
+    lefts = torch.randint(width - size + 1, (len(images),), generator=generator).tolist()
+    return torch.stack([x[..., t:t + size, s:s + size] for x, t, s in zip(images, tops, lefts, strict=True)])
+
+
 def _batches(images: torch.Tensor, task: str, settings: TrainSettings, device: torch.device, *, method: str,
-             num_timesteps: int, sigma_range: Sequence[float], factors: Sequence[int]
+             num_timesteps: int, sigma_range: Sequence[float], factors: Sequence[int], crop: int | None
              ) -> Callable[[torch.Generator], tuple[torch.Tensor, ...]]:
     def next_batch(generator: torch.Generator) -> tuple[torch.Tensor, ...]:
         x0 = images[torch.randint(len(images), (settings.batch_size,), generator=generator)]
+        if crop:
+            x0 = random_crops(x0, crop, generator)
         noise = torch.randn(x0.shape, generator=generator)
         if method == "ddpm":
             t = torch.randint(num_timesteps, (len(x0),), generator=generator)
@@ -80,7 +90,8 @@ class _CVDMJoint(nn.Module):
         self.eps, self.learned = eps, learned
 
 
-def _check(task: str, method: str, factors: Sequence[int], sigma_range: Sequence[float]) -> None:
+def _check(task: str, method: str, factors: Sequence[int], sigma_range: Sequence[float], crop: int | None,
+           image_size: int) -> None:
     if task not in TASKS:
         raise InputError(f"unknown restoration task {task!r}", fix=f"use one of {', '.join(TASKS)}")
     if method not in METHODS:
@@ -95,6 +106,9 @@ def _check(task: str, method: str, factors: Sequence[int], sigma_range: Sequence
     if not 0 < sigma_range[0] < sigma_range[1] <= 1:
         raise InputError(f"noise range {list(sigma_range)} must satisfy 0 < low < high <= 1",
                          fix="give e.g. --sigma-range 0.02 0.3 (fractions of the normalised range)")
+    if crop is not None and not (16 <= crop <= image_size and crop % 8 == 0):
+        raise InputError(f"crop size {crop} must be a multiple of 8 between 16 and the slice size {image_size}",
+                         fix="give e.g. --crop 32, or leave it out to train on whole slices")
 
 
 def build_restore_model(task: str, method: str, *, preset: str = "tiny", image_size: int = 64,
@@ -117,12 +131,15 @@ def build_restore_model(task: str, method: str, *, preset: str = "tiny", image_s
 def train_restore_model(manifest: str | Path, out: str | Path, *, task: str, method: str, modality: str = "t1",
                         preset: str = "tiny", image_size: int = 64, factors: Sequence[int] = (2, 4),
                         sigma_range: Sequence[float] = DEFAULT_SIGMA_RANGE,
-                        temperature: float = DEFAULT_TEMPERATURE, settings: TrainSettings | None = None,
-                        work_dir: str | Path | None = None) -> Path:
-    """Train on the clean slices of the manifest's ``train`` split and write a restoration bundle to ``out``."""
+                        temperature: float = DEFAULT_TEMPERATURE, crop: int | None = None,
+                        settings: TrainSettings | None = None, work_dir: str | Path | None = None) -> Path:
+    """Train on the clean slices of the manifest's ``train`` split and write a restoration bundle to ``out``.
+
+    ``crop``: train on random square windows of this size (for convolutional networks, e.g. preset tiny-conv).
+    """
     settings = settings or TrainSettings()
     factors = tuple(int(f) for f in factors) if task == "superres" else ()
-    _check(task, method, factors, sigma_range)
+    _check(task, method, factors, sigma_range, crop, image_size)
     table = read_manifest(manifest, modalities=(modality,))
     rows = table.split("train")
     if not rows:
@@ -130,12 +147,12 @@ def train_restore_model(manifest: str | Path, out: str | Path, *, task: str, met
     data = load_slices(rows, (modality,), (image_size, image_size), NORMALISATION, task="reading clean cases")
     info = {"sigma_range": list(sigma_range), "factors": list(factors), "temperature": temperature,
             "probabilistic_conditioning": method == "conditional" and task == "denoise",
-            "noise": "rician" if task == "denoise" else None}
+            "noise": "rician" if task == "denoise" else None, "crop": crop}
     torch.manual_seed(settings.seed)
     model = build_restore_model(task, method, preset=preset, image_size=image_size, modality=modality, info=info)
     device = torch.device(settings.device)
     batches = _batches(torch.from_numpy(data.images), task, settings, device, method=method,
-                       num_timesteps=1000, sigma_range=sigma_range, factors=factors)
+                       num_timesteps=1000, sigma_range=sigma_range, factors=factors, crop=crop)
     work = Path(work_dir) if work_dir else Path(out).with_name(Path(out).name + ".training")
     if model.is_cvdm:
         def joint_loss(joint: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
