@@ -65,7 +65,7 @@ def test_evaluation_scores_every_degradation_baseline_and_model(tmp_path):
     rows = evaluate_task("superres", {"sr": superres}, clean, settings)
     assert [(r["setting"], r["method"]) for r in rows.rows] == [
         ("2x in-plane", "degraded input"), ("2x in-plane", "bilinear interpolation"),
-        ("2x in-plane", "bicubic interpolation"), ("2x in-plane", "sr (mean of 2)")]
+        ("2x in-plane", "bicubic interpolation"), ("2x in-plane", "sr, from noise (mean of 2)")]
     degraded, bilinear, bicubic, model = rows.rows
     assert bilinear["psnr"] == pytest.approx(degraded["psnr"])  # the condition is the bilinear interpolation
     assert bicubic["psnr"] > bilinear["psnr"]

@@ -117,7 +117,8 @@ def test_paper_preset_is_anofpdm_size() -> None:
 
 
 def test_presets_build_with_their_documented_sizes() -> None:
-    expected_millions = {"tiny": (1, 3), "small": (8, 16), "paper": (90, 100), "regressor": (0.3, 3)}
+    expected_millions = {"tiny": (1, 3), "tiny-conv": (1, 3), "small": (8, 16), "paper": (90, 100),
+                         "regressor": (0.3, 3)}
     assert set(PRESETS) == set(expected_millions)
     for name, (low, high) in expected_millions.items():
         with torch.device("meta"):

@@ -30,7 +30,9 @@ from DiffusionAnomalyLib.engine import EngineCancelled, UserError  # noqa: E402
 
 SHAPE_KJI = (14, 20, 18)
 # every slice unhealthy (cos <= 1 always) and a per-slice quantile threshold: a non-empty mask from any network
-RUN = {"guidance": 1.0, "thr_01": 1.0, "speed": "fast", "device": "cpu", "extra_args": ("--quantile", "0.9")}
+# the untrained model's map is highest at the slice border, outside the brain, where masks are not kept: a low
+# fixed quantile leaves some mask inside the brain to check the geometry with
+RUN = {"guidance": 1.0, "thr_01": 1.0, "speed": "fast", "device": "cpu", "extra_args": ("--quantile", "0.5")}
 
 
 @pytest.fixture(scope="module")
@@ -251,7 +253,7 @@ def test_results_land_on_the_input_grid(oblique_run: tuple) -> None:
     # the options reached the engine
     report = json.loads((label_file.parent / "report.json").read_text())
     assert report["settings"]["stride"] == 60 and report["settings"]["device"] == "cpu"
-    assert report["settings"]["thr_01"] == 1.0 and report["settings"]["quantile"] == 0.9
+    assert report["settings"]["thr_01"] == 1.0 and report["settings"]["quantile"] == 0.5
 
 
 def test_rerun_replaces_outputs_and_cancel_leaves_the_scene_alone(tiny_model: Path, oblique_run: tuple) -> None:
