@@ -150,13 +150,10 @@ def sample_restorations(model: RestoreModel, condition: torch.Tensor, settings: 
 NETWORK_MULTIPLE = 8  # the UNets halve the slice three times
 
 
-def _slice_size(model: RestoreModel, case: Any) -> tuple[int, int]:
-    """The slice grid: the model's training size, or for a crop-trained model the input's own pixels (the crop
-    around the head padded to a square), so that restoration never resamples the input to a coarser grid."""
-    if not model.native_resolution:
-        return model.image_size, model.image_size
-    _, probe = to_model_slices(case, (model.image_size, model.image_size), normalisation=NORMALISATION)
-    return probe.padded_size
+def _slice_size(model: RestoreModel) -> tuple[int, int] | None:
+    """The slice grid: the model's training size, or for a crop-trained model None, the input's own pixels (the
+    crop around the head padded to a square), so that restoration never resamples the input to a coarser grid."""
+    return None if model.native_resolution else (model.image_size, model.image_size)
 
 
 def _pad_for_network(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -225,7 +222,7 @@ def restore_volume(model: str | os.PathLike[str] | RestoreModel | None, image: A
         model = load_restore_model(model, task=task, device=settings.device)
     _check_task(model, task, settings, mask)
     case = read_case({model.modality: image}, (model.modality,))
-    slices, geometry = to_model_slices(case, _slice_size(model, case), normalisation=NORMALISATION)
+    slices, geometry = to_model_slices(case, _slice_size(model), normalisation=NORMALISATION)
     reference = sitk.GetArrayFromImage(case.reference).astype(np.float32)
     report: dict[str, Any] = {"task": task, "method": model.method, "slices": len(slices)}
     if model.method != "ddpm":

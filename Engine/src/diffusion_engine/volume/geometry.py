@@ -284,7 +284,7 @@ def grid_difference(reference: Grid, other: Grid, *, spacing_rtol: float = 1e-4,
     return ""
 
 
-def to_model_slices(case: Case, size: tuple[int, int], *, normalisation: Normalisation,
+def to_model_slices(case: Case, size: tuple[int, int] | None, *, normalisation: Normalisation,
                     brain_threshold: float = 0.01, margin: int = 4) -> tuple[np.ndarray, SliceGeometry]:
     """A case -> normalised model slices float32 [S_kept, C, H, W] and the geometry that maps them back.
 
@@ -293,9 +293,10 @@ def to_model_slices(case: Case, size: tuple[int, int], *, normalisation: Normali
     kept slices plus ``margin`` voxels; pad (with each modality's minimum) to the model's physical aspect ratio;
     resize to ``size`` (linear, antialiased when shrinking); then ``normalisation`` per modality, with the volume
     statistics taken over the whole volume. ``geometry.intensity`` holds what ``restore_intensity`` needs.
+    ``size`` None keeps the input's own pixels: the crop is padded to a square field of view and not resized.
     """
-    model_size = _ints(size, 2)
-    if min(model_size) < 1:
+    model_size = None if size is None else _ints(size, 2)
+    if model_size is not None and min(model_size) < 1:
         raise ValueError(f"model size must be positive, got {size}")
     reference, first = case.reference, case.modalities[0]
     volumes = [case.array(m) for m in case.modalities]
@@ -308,11 +309,13 @@ def to_model_slices(case: Case, size: tuple[int, int], *, normalisation: Normali
     orientation = Orientation.from_direction(reference.GetDirection())
     crop = _bounding_box(foreground[kept].any(axis=0), max(int(margin), 0))
     in_plane_spacing = orientation.canonical_spacing(reference.GetSpacing())[1:]
+    crop_size = (crop[1] - crop[0], crop[3] - crop[2])
+    padding = _aspect_padding(crop_size, in_plane_spacing, model_size or (1, 1))
+    if model_size is None:
+        model_size = (crop_size[0] + padding[0] + padding[1], crop_size[1] + padding[2] + padding[3])
     geometry = SliceGeometry(size=reference.GetSize(), spacing=reference.GetSpacing(), origin=reference.GetOrigin(),
                              direction=reference.GetDirection(), orientation=orientation,
-                             slices=tuple(int(k) for k in kept), crop=crop,
-                             padding=_aspect_padding((crop[1] - crop[0], crop[3] - crop[2]), in_plane_spacing,
-                                                     model_size),
+                             slices=tuple(int(k) for k in kept), crop=crop, padding=padding,
                              model_size=model_size, channels=case.modalities)
     raw = np.stack([_model_slices_from_canonical(v, geometry, "linear", float(v.min())) for v in volumes], axis=1)
     scales = [volume_scale(v, normalisation.effective_percentile) for v in volumes]
