@@ -14,12 +14,11 @@ from __future__ import annotations
 import pathlib
 from typing import Annotated
 
-import qt
 import slicer
-import vtk
 from DiffusionAgingLib.aging import DEVICES, AgingLogic, AgingOptions
-from DiffusionAnomalyLib.engine import EngineCancelled, UserError
+from DiffusionAnomalyLib.engine import UserError
 from DiffusionAnomalyLib.sample_data import images_for_model, register_when_started
+from DiffusionAnomalyLib.widget import MODEL_SOURCES, EngineJobWidget
 from slicer import vtkMRMLScalarVolumeNode
 from slicer.i18n import tr as _
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
@@ -27,13 +26,8 @@ from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
     ScriptedLoadableModuleTest,
-    ScriptedLoadableModuleWidget,
 )
-from slicer.util import VTKObservationMixin
 
-MODEL_SOURCES = ("bundled demo model", "model folder")
-MODEL_FOLDER_SETTING = "DiffusionAging/ModelFolder"
-POLL_MS = 100
 AGE_RANGE = (1.0, 120.0)
 DEMO_THUMBNAIL = pathlib.Path(__file__).resolve().parent / "Resources" / "Icons" / "DemoAging.png"
 
@@ -104,75 +98,17 @@ class DiffusionAgingParameterNode:
             guidance_scale=self.guidanceScale or None)
 
 
-class DiffusionAgingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    def __init__(self, parent=None) -> None:
-        ScriptedLoadableModuleWidget.__init__(self, parent)
-        VTKObservationMixin.__init__(self)
-        self.logic = None
-        self._parameterNode = None
-        self._parameterNodeGuiTag = None
-        self._job = None
-        self._dependenciesChecked = False
-        self._timer = qt.QTimer()
-        self._timer.setInterval(POLL_MS)
-        self._timer.timeout.connect(self._poll)
+class DiffusionAgingWidget(EngineJobWidget):
+    jobTitle = _("Brain aging")
 
-    def setup(self) -> None:
-        ScriptedLoadableModuleWidget.setup(self)
-        uiWidget = slicer.util.loadUI(self.resourcePath("UI/DiffusionAging.ui"))
-        self.layout.addWidget(uiWidget)
-        self.ui = slicer.util.childWidgetVariables(uiWidget)
-        uiWidget.setMRMLScene(slicer.mrmlScene)
-        self.logic = DiffusionAgingLogic()
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
-        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
-        self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
-        self.initializeParameterNode()
+    def createLogic(self):
+        return DiffusionAgingLogic()
 
-    def cleanup(self) -> None:
-        if self._job is not None:
-            self._job.engine.kill()
-        self._timer.stop()
-        self.removeObservers()
-
-    def enter(self) -> None:
-        self.initializeParameterNode()
-
-    def exit(self) -> None:
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGUI)
-
-    def onSceneStartClose(self, caller, event) -> None:
-        self.setParameterNode(None)
-
-    def onSceneEndClose(self, caller, event) -> None:
-        if self.parent.isEntered:
-            self.initializeParameterNode()
-
-    def initializeParameterNode(self) -> None:
-        parameterNode = self.logic.getParameterNode()
+    def setDefaults(self, parameterNode) -> None:
         if not parameterNode.inputVolume:
             parameterNode.inputVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
-        remembered = slicer.app.userSettings().value(MODEL_FOLDER_SETTING, "")
-        if remembered and not parameterNode.folder():
-            parameterNode.modelFolder = pathlib.Path(remembered)
-            parameterNode.modelSource = MODEL_SOURCES[1]
-        self.setParameterNode(parameterNode)
 
-    def setParameterNode(self, inputParameterNode) -> None:
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGUI)
-        self._parameterNode = inputParameterNode
-        if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGUI)
-            self._updateGUI()
-
-    def _updateGUI(self, caller=None, event=None) -> None:
+    def updateGUI(self, caller=None, event=None) -> None:
         node = self._parameterNode
         if node is None:
             return
@@ -184,67 +120,25 @@ class DiffusionAgingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.targetAgeSpinBox.enabled = not node.sweep
         self.ui.targetAgesLineEdit.enabled = node.sweep
         self.ui.noiseLevelSpinBox.enabled = not node.autoNoiseLevel
-        running = self._job is not None
-        self.ui.applyButton.enabled = not running and node.inputVolume is not None
-        self.ui.cancelButton.enabled = running
+        self.ui.applyButton.enabled = not self.running and node.inputVolume is not None
+        self.ui.cancelButton.enabled = self.running
 
     def onApplyButton(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Could not start the aging."), waitCursor=True):
-            options = self._parameterNode.options()
-            if options.model:
-                slicer.app.userSettings().setValue(MODEL_FOLDER_SETTING, options.model)
-            if not self._dependenciesChecked:
-                from DiffusionAnomalyLib.dependencies import ensure_dependencies
+            node = self._parameterNode
+            options = node.options()
+            self.rememberModel(options.model)
+            if not self.ensureDependencies():
+                return
+            self.startJob(lambda **callbacks: self.logic.process(node.inputVolume, options, blocking=False,
+                                                                 **callbacks))
 
-                if not ensure_dependencies(self.moduleName):
-                    return
-                self._dependenciesChecked = True
-            self.ui.progressBar.visible = True
-            self.ui.progressBar.value = 0
-            self.ui.statusLabel.text = _("Starting the engine...")
-            self._job = self.logic.process(self._parameterNode.inputVolume, options, blocking=False,
-                                           on_event=self._onEvent, on_finished=self._onFinished)
-            self._timer.start()
-        self._updateGUI()
-
-    def _onEvent(self, event: dict) -> None:
-        if self._job is None:
-            return
-        progress = self._job.progress
-        if progress.fraction is not None:
-            self.ui.progressBar.value = int(100 * progress.fraction)
-        self.ui.statusLabel.text = progress.text
-
-    def _poll(self) -> None:
-        if self._job is not None:
-            self._job.poll()
-
-    def onCancelButton(self) -> None:
-        if self._job is not None:
-            self._job.cancel()
-            self.ui.statusLabel.text = _("Cancelling...")
-
-    def _onFinished(self, job) -> None:
-        self._timer.stop()
-        self._job = None
-        self.ui.progressBar.visible = False
-        self._updateGUI()
-        if isinstance(job.error, EngineCancelled):
-            self.ui.statusLabel.text = _("Cancelled; the scene was left as it was.")
-            return
-        if job.error is not None:
-            self.ui.statusLabel.text = _("Failed.")
-            slicer.util.errorDisplay(str(job.error), windowTitle=_("Brain aging"))
-            return
-        results = job.results
-        self.ui.statusLabel.text = _("Done. ") + results.summary()
+    def onJobFinished(self, results) -> None:
         level = results.noise_level
         self.ui.noiseLevelResultLabel.text = f"{level['L']:.2f} ({level['mode']}, t0 = {level['t0']})"
         ages = results.regressor_age
         self.ui.predictedAgesLabel.text = (f"{ages['before']:.1f} -> "
                                            + ", ".join(f"{a:.1f}" for a in ages["after"]) + " years")
-        for warning in results.warnings:
-            slicer.util.warningDisplay(warning, windowTitle=_("Brain aging"))
         slicer.util.setSliceViewerLayers(background=results.images[-1], foreground=results.differences[-1],
                                          foregroundOpacity=0.4)
         if results.browser is not None:

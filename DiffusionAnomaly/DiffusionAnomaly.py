@@ -14,12 +14,12 @@ from __future__ import annotations
 import pathlib
 from typing import Annotated
 
-import qt
 import slicer
 import vtk
 from DiffusionAnomalyLib.anomaly import DEVICES, SPEEDS, AnomalyLogic, AnomalyOptions
-from DiffusionAnomalyLib.engine import EngineCancelled, UserError
+from DiffusionAnomalyLib.engine import UserError
 from DiffusionAnomalyLib.sample_data import images_for_model, register_when_started
+from DiffusionAnomalyLib.widget import MODEL_SOURCES, EngineJobWidget
 from slicer import vtkMRMLScalarVolumeNode
 from slicer.i18n import tr as _
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
@@ -27,13 +27,8 @@ from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
     ScriptedLoadableModuleTest,
-    ScriptedLoadableModuleWidget,
 )
-from slicer.util import VTKObservationMixin
 
-MODEL_SOURCES = ("bundled demo model", "model folder")
-MODEL_FOLDER_SETTING = "DiffusionAnomaly/ModelFolder"
-POLL_MS = 100
 INPUT_FIELDS = ("inputVolume1", "inputVolume2", "inputVolume3", "inputVolume4")
 DEMO_THUMBNAIL = pathlib.Path(__file__).resolve().parent / "Resources" / "Icons" / "DemoTumour.png"
 
@@ -109,81 +104,28 @@ class DiffusionAnomalyParameterNode:
             thr_01=self.decisionThreshold if self.overrideDecision else None)
 
 
-class DiffusionAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+class DiffusionAnomalyWidget(EngineJobWidget):
+    jobTitle = _("Anomaly segmentation")
+
     def __init__(self, parent=None) -> None:
-        ScriptedLoadableModuleWidget.__init__(self, parent)
-        VTKObservationMixin.__init__(self)
-        self.logic = None
-        self._parameterNode = None
-        self._parameterNodeGuiTag = None
-        self._job = None
+        EngineJobWidget.__init__(self, parent)
         self._results = None
-        self._dependenciesChecked = False
         self._deviceInfo = None
-        self._timer = qt.QTimer()
-        self._timer.setInterval(POLL_MS)
-        self._timer.timeout.connect(self._poll)
+
+    def createLogic(self):
+        return DiffusionAnomalyLogic()
 
     def setup(self) -> None:
-        ScriptedLoadableModuleWidget.setup(self)
-        uiWidget = slicer.util.loadUI(self.resourcePath("UI/DiffusionAnomaly.ui"))
-        self.layout.addWidget(uiWidget)
-        self.ui = slicer.util.childWidgetVariables(uiWidget)
-        uiWidget.setMRMLScene(slicer.mrmlScene)
-        self.logic = DiffusionAnomalyLogic()
-
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
-        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
-        self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
+        EngineJobWidget.setup(self)
         self.ui.showResultsButton.connect("clicked(bool)", self.showResults)
-        self.initializeParameterNode()
 
-    def cleanup(self) -> None:
-        if self._job is not None:
-            self._job.engine.kill()
-        self._timer.stop()
-        self.removeObservers()
-
-    def enter(self) -> None:
-        self.initializeParameterNode()
-
-    def exit(self) -> None:
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGUI)
-
-    def onSceneStartClose(self, caller, event) -> None:
-        self.setParameterNode(None)
-
-    def onSceneEndClose(self, caller, event) -> None:
-        if self.parent.isEntered:
-            self.initializeParameterNode()
-
-    def initializeParameterNode(self) -> None:
-        parameterNode = self.logic.getParameterNode()
+    def setDefaults(self, parameterNode) -> None:
         if not parameterNode.inputVolume1:
             parameterNode.inputVolume1 = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
-        remembered = slicer.app.userSettings().value(MODEL_FOLDER_SETTING, "")
-        if remembered and not parameterNode.folder():
-            parameterNode.modelFolder = pathlib.Path(remembered)
-            parameterNode.modelSource = MODEL_SOURCES[1]
-        self.setParameterNode(parameterNode)
-
-    def setParameterNode(self, inputParameterNode) -> None:
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGUI)
-        self._parameterNode = inputParameterNode
-        if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGUI)
-            self._updateGUI()
 
     # -------------------------------------------------------------------------------------------- GUI state
 
-    def _updateGUI(self, caller=None, event=None) -> None:
+    def updateGUI(self, caller=None, event=None) -> None:
         node = self._parameterNode
         if node is None:
             return
@@ -206,37 +148,25 @@ class DiffusionAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for flag, widget in (("overrideGuidance", "guidanceSpinBox"), ("overrideNoiseScale", "noiseScaleSpinBox"),
                              ("overrideThreshold", "thresholdSpinBox"), ("overrideDecision", "decisionSpinBox")):
             getattr(self.ui, widget).enabled = getattr(node, flag)
-        running = self._job is not None
-        self.ui.applyButton.enabled = not running and len(node.inputs()) >= 1
+        self.ui.applyButton.enabled = not self.running and len(node.inputs()) >= 1
         self.ui.applyButton.toolTip = _("Run the model") if node.inputs() else _("Select an input volume")
-        self.ui.cancelButton.enabled = running
+        self.ui.cancelButton.enabled = self.running
 
     # -------------------------------------------------------------------------------------------- running
 
     def onApplyButton(self) -> None:
         node = self._parameterNode
         options = node.options()
-        if options.model:
-            slicer.app.userSettings().setValue(MODEL_FOLDER_SETTING, options.model)
+        self.rememberModel(options.model)
         if not self._prepare(options):
             return
-        self.ui.statusLabel.text = _("Starting the engine...")
-        self.ui.progressBar.visible = True
-        self.ui.progressBar.value = 0
         with slicer.util.tryWithErrorDisplay(_("Could not start the anomaly segmentation."), waitCursor=True):
-            self._job = self.logic.process(node.inputs(), options, blocking=False, on_event=self._onEvent,
-                                           on_finished=self._onFinished)
-            self._timer.start()
-        self._updateGUI()
+            self.startJob(lambda **callbacks: self.logic.process(node.inputs(), options, blocking=False, **callbacks))
 
     def _prepare(self, options: AnomalyOptions) -> bool:
         """First Apply: install dependencies (one confirmation); on a CPU-only machine warn and offer fast mode."""
-        if not self._dependenciesChecked:
-            from DiffusionAnomalyLib.dependencies import ensure_dependencies
-
-            if not ensure_dependencies(self.moduleName):
-                return False
-            self._dependenciesChecked = True
+        if not self.ensureDependencies():
+            return False
         if self._deviceInfo is None and options.device == "auto":
             from DiffusionAnomalyLib.engine import probe_device
 
@@ -257,44 +187,11 @@ class DiffusionAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     options.speed = "fast"
         return True
 
-    def _onEvent(self, event: dict) -> None:
-        progress = self._job.progress if self._job is not None else None
-        if progress is None:
-            return
-        if progress.fraction is not None:
-            self.ui.progressBar.value = int(100 * progress.fraction)
-        self.ui.statusLabel.text = progress.text
-        if event.get("event") == "warning":
-            slicer.util.showStatusMessage(event.get("message", ""), 5000)
-
-    def _poll(self) -> None:
-        if self._job is not None:
-            self._job.poll()
-
-    def onCancelButton(self) -> None:
-        if self._job is not None:
-            self._job.cancel()
-            self.ui.statusLabel.text = _("Cancelling...")
-
-    def _onFinished(self, job) -> None:
-        self._timer.stop()
-        self._job = None
-        self.ui.progressBar.visible = False
-        self._updateGUI()
-        if isinstance(job.error, EngineCancelled):
-            self.ui.statusLabel.text = _("Cancelled; the scene was left as it was.")
-            return
-        if job.error is not None:
-            self.ui.statusLabel.text = _("Failed.")
-            slicer.util.errorDisplay(str(job.error), windowTitle=_("Anomaly segmentation"))
-            return
-        self._results = job.results
-        self.ui.statusLabel.text = _("Done. ") + job.results.summary()
-        self.ui.lesionVolumeLabel.text = f"{job.results.lesion_volume_ml:.2f} mL"
-        self.ui.unhealthySlicesLabel.text = f"{job.results.unhealthy_slices} of {job.results.brain_slices}"
+    def onJobFinished(self, results) -> None:
+        self._results = results
+        self.ui.lesionVolumeLabel.text = f"{results.lesion_volume_ml:.2f} mL"
+        self.ui.unhealthySlicesLabel.text = f"{results.unhealthy_slices} of {results.brain_slices}"
         self.ui.showResultsButton.enabled = True
-        for warning in job.results.warnings:
-            slicer.util.warningDisplay(warning, windowTitle=_("Anomaly segmentation"))
         self.showResults()
 
     def showResults(self) -> None:

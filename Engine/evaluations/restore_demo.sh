@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Rebuild the bundled restoration demo models and their held-out evaluation from nothing (CPU, about 2 hours on
+# Rebuild the bundled restoration demo models and their held-out evaluation from nothing (CPU, about 2.5 hours on
 # 2 cores: the two training queues run side by side, one per core).
 #   bash Engine/evaluations/restore_demo.sh [WORK_DIR]      (default ./restore-demo-work)
 # Clean ground truth: noise-free phantom cohorts (training seed 41, test seed 141, no shared subject). Models are
@@ -25,17 +25,20 @@ train() { name=$1; shift; run env OMP_NUM_THREADS=1 diffusion-engine --progress 
 train superres-cvdm --task superres --method cvdm --steps 1500
 train superres-cvdm-simple --task superres --method cvdm-simple --steps 1500
 train superres-cvdm-linear --task superres --method cvdm-linear --steps 1500
+train denoise-cvdm --task denoise --method cvdm --steps 1500
 wait
 # where each conditional/CVDM model's sampling chain starts, chosen on the training cohort's validation slices
-# (not for denoise-conditional: it failed to train and is evaluated with the papers' chain from noise only)
-for name in superres-cvdm superres-cvdm-simple superres-cvdm-linear impute-conditional; do
+# (not for the DDPM and conditional denoisers: they enter at the step that matches the input's noise)
+for name in superres-cvdm superres-cvdm-simple superres-cvdm-linear impute-conditional denoise-cvdm; do
     run env OMP_NUM_THREADS=1 diffusion-engine --progress none calibrate restore --model "$name" \
         --manifest train/manifest.csv
 done
 run env OMP_NUM_THREADS=2 diffusion-engine --progress none evaluate restore --manifest test/manifest.csv \
-    --models denoise-ddpm denoise-conditional impute-conditional superres-cvdm superres-cvdm-simple \
+    --models denoise-ddpm denoise-conditional denoise-cvdm impute-conditional superres-cvdm superres-cvdm-simple \
     superres-cvdm-linear --slices 16 --samples 3 --cvdm-steps 100 --out "$here/restore"
 # the demo model of each task (chosen from the table in $here/restore/README.md)
 run python3 "$here/store_demo_model.py" denoise-ddpm "$models/restore-denoise-demo"
 run python3 "$here/store_demo_model.py" impute-conditional "$models/restore-impute-demo"
 run python3 "$here/store_demo_model.py" superres-cvdm "$models/restore-superres-demo"
+# wholly missing axial slices, filled by the impute demo model in coronal slices, vs linear interpolation
+run python3 "$here/restore_missing_slices.py" --manifest test/manifest.csv --subjects 3 --out "$here/restore/missing_slices.md"

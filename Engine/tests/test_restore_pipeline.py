@@ -57,6 +57,27 @@ def test_matched_denoising_keeps_the_geometry_and_reports_sigma(ddpm_model):
     assert not np.array_equal(source[8], out[8])
 
 
+def test_conditional_denoiser_enters_at_the_matched_step_unless_a_start_is_asked_for(monkeypatch):
+    torch.manual_seed(0)
+    model = build_restore_model("denoise", "conditional", image_size=SIZE,
+                                info={"sigma_range": [0.02, 0.3], "probabilistic_conditioning": True})
+    seen = []  # the condition channel of every sample the network saw: the noisy slice, or zeros (masked)
+    forward = model.eps.forward
+
+    def recording(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        seen.extend(x[:, 1:].abs().flatten(1).sum(1).tolist())
+        return forward(x, t)
+
+    monkeypatch.setattr(model.eps, "forward", recording)
+    image = _head(6.0)
+    matched = restore_volume(model, image, "denoise", settings=RestoreSettings(steps=3))
+    assert matched.report["entry_timesteps"][0] > 0 and "sampling_start" not in matched.report
+    assert any(v > 0 for v in seen) and any(v == 0 for v in seen)  # both branches of the p_cond blend ran
+    from_noise = restore_volume(model, image, "denoise", settings=RestoreSettings(steps=3, start=1.0))
+    assert from_noise.report["sampling_start"] == 1.0 and "entry_timesteps" not in from_noise.report
+    assert _same_grid(matched.image, image) and _same_grid(from_noise.image, image)
+
+
 def test_clean_images_are_returned_unchanged_with_a_warning(ddpm_model, capsys):
     image = _head(0.0)
     result = restore_volume(ddpm_model, image, "denoise", settings=RestoreSettings(steps=3))
@@ -96,6 +117,45 @@ def test_imputation_checks_the_mask_and_keeps_observed_voxels(tmp_path):
     assert _same_grid(result.image, image) and _same_grid(result.uncertainty, image)
     assert np.array_equal(source[missing == 0], out[missing == 0])
     assert not np.array_equal(source[missing == 1], out[missing == 1])
+
+
+def test_missing_axial_slices_are_imputed_in_coronal_slices(capsys):
+    model = build_restore_model("impute", "cvdm-linear", image_size=SIZE)
+    image = _head(2.0)
+    before = sitk.GetArrayFromImage(image).copy()
+    missing = np.zeros(before.shape, np.uint8)
+    missing[6:11:2] = 1  # three whole axial slices (the _head's slices run along its k axis, close to S-I)
+    mask = sitk.GetImageFromArray(missing)
+    mask.CopyInformation(image)
+    holed = sitk.GetImageFromArray(np.where(missing > 0, 0, before).astype(np.float32))
+    holed.CopyInformation(image)
+    result = restore_volume(model, holed, "impute", mask=mask, settings=RestoreSettings(cvdm_steps=3))
+    assert result.report["plane"] == "coronal"
+    assert _same_grid(result.image, image)
+    out = sitk.GetArrayFromImage(result.image)
+    inside = (missing > 0) & (before > 50)
+    assert np.array_equal(out[missing == 0], sitk.GetArrayFromImage(holed)[missing == 0])
+    assert np.mean(out[inside] != 0) > 0.95  # the gaps inside the head were filled (bar its thinnest rims)
+    axial = restore_volume(model, holed, "impute", mask=mask, settings=RestoreSettings(cvdm_steps=3, plane="axial"))
+    assert axial.report["plane"] == "axial" and "3 axial slices are missing entirely" in capsys.readouterr().err
+    with pytest.raises(InputError, match="unknown slicing plane"):
+        restore_volume(model, holed, "impute", mask=mask, settings=RestoreSettings(plane="oblique"))
+
+
+def test_view_in_plane_turns_the_frame_and_keeps_the_voxels():
+    from diffusion_engine.volume import canonical_array, view_in_plane
+
+    image = _head()
+    for plane, axis in (("coronal", 1), ("sagittal", 2)):
+        turned = view_in_plane(image, plane)
+        assert np.array_equal(sitk.GetArrayFromImage(turned), sitk.GetArrayFromImage(image))
+        assert turned.GetDirection() != image.GetDirection() and image.GetDirection()[8] == 1.0  # input untouched
+        # the turned view's axial slices are the input's coronal (sagittal) ones, superior at the top of the rows
+        seen, _ = canonical_array(turned)
+        original, _ = canonical_array(image)
+        assert seen.shape[0] == original.shape[axis]
+        assert np.linalg.det(np.reshape(turned.GetDirection(), (3, 3))) == pytest.approx(
+            np.linalg.det(np.reshape(image.GetDirection(), (3, 3))))
 
 
 def test_cvdm_bundle_round_trip(tmp_path):

@@ -62,9 +62,13 @@ def test_ui_parameter_names_match_the_parameter_node(module: str) -> None:
     assert fields == set(bound.values()), f"fields without a widget: {sorted(fields - set(bound.values()))}"
 
 
+SHARED_WIDGET = ROOT / "DiffusionAnomaly" / "DiffusionAnomalyLib" / "widget.py"  # both modules' Widget base
+
+
 @pytest.mark.parametrize("module", MODULES)
 def test_every_ui_widget_the_module_uses_exists(module: str) -> None:
-    source = (_module_dir(module) / f"{module}.py").read_text()
+    source = (_module_dir(module) / f"{module}.py").read_text() + SHARED_WIDGET.read_text()
+    assert "(EngineJobWidget)" in source
     used = set(re.findall(r"self\.ui\.([A-Za-z_]\w*)", source))
     # names built at run time, e.g. getattr(self.ui, f"inputVolume{index + 1}Selector")
     for pattern in re.findall(r'getattr\(self\.ui, f"([^"]+)"\)', source):

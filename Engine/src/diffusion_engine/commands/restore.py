@@ -35,7 +35,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps (CVDM uses 200 ancestral steps)")
     parser.add_argument("--start", type=float, default=None, metavar="FRACTION",
                         help="conditional/CVDM: where the sampling chain starts, in (0, 1]; 1 = from pure noise "
-                             "(the papers); default: the model's calibrated start (`calibrate restore`)")
+                             "(the papers); default: the model's calibrated start (`calibrate restore`), and for a "
+                             "conditional denoiser the step matching the input's noise")
+    parser.add_argument("--plane", choices=("auto", "axial", "coronal", "sagittal"), default="auto",
+                        help="slicing plane of the 2D model; auto: axial, or coronal when the mask removes whole "
+                             "axial slices (each becomes a missing row of every coronal slice)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto (GPU if available), cpu, cuda, ...")
     parser.set_defaults(run=run)
@@ -56,7 +60,7 @@ def run(args: argparse.Namespace) -> dict[str, str]:
         raise InputError("only CVDM models with a pixel-wise schedule have a learned schedule map",
                          path=model.path, fix="leave out --schedule-map")
     settings = RestoreSettings(samples=args.samples, sampler=args.sampler, cycles=args.cycles, steps=args.steps,
-                               factor=args.factor, sigma=args.sigma, seed=args.seed, start=args.start,
+                               factor=args.factor, sigma=args.sigma, seed=args.seed, start=args.start, plane=args.plane,
                                device=str(resolve_device(args.device)))
     result = restore_volume(model, args.input, args.task, settings=settings, mask=args.mask)
     outputs = {"output": str(write_image(result.image, args.output))}

@@ -34,9 +34,9 @@ def calibrate_start(model_path: str | os.PathLike[str], manifest: str | os.PathL
     from .pipeline import RestoreSettings, sample_restorations
 
     model = load_restore_model(model_path)
-    if model.method == "ddpm":
-        raise InputError("an unconditional DDPM enters at the matched noise level; there is no start to calibrate",
-                         path=model.path, fix="calibrate a conditional or CVDM model")
+    if model.enters_at_matched_step:
+        raise InputError(f"a {model.method} denoiser enters the chain at the noise-matched step; there is no start "
+                         "to calibrate", path=model.path, fix="calibrate a CVDM, imputation or super-resolution model")
     if not starts or not all(0 < s <= 1 for s in starts):
         raise InputError(f"sampling starts must lie in (0, 1], got {list(starts)}", fix="e.g. --starts 0.1,0.2,1")
     clean = held_out_slices(manifest, split, model, slices)

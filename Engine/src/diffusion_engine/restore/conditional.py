@@ -11,6 +11,8 @@ root-mean-square over the slice (the L2 norm divided by sqrt(#voxels)): with it,
 0.2..0.8 on [-1, 1] images, the range the paper reports, whatever the slice size. Sampling uses the expectation
 of that masking: eps = eps_masked + p_cond(t) (eps_conditioned - eps_masked), both in one batched call.
 Imputation conditions always (the paper needs no trick there) and keeps the observed voxels in the output.
+A conditional denoiser can also take the noisy slice in at its noise-matched step (sec. 3.1's entry, with this
+blended prediction: ``RestoreModel.denoiser_eps``), which is how the pipeline denoises unless asked for a start.
 """
 
 from __future__ import annotations

@@ -201,8 +201,8 @@ def restore_with(model: RestoreModel, case: Degradation, settings: EvaluationSet
     from .pipeline import RestoreSettings, sample_restorations
 
     if model.method == "ddpm":
-        return _matched_entries(model, case, settings, name)
-    results = []
+        return _matched_entries(model, case, settings, name, ENTRY_FACTORS)
+    results = _matched_entries(model, case, settings, name, (1,)) if model.enters_at_matched_step else []
     for start in sorted({1.0, model.sampling_start}):  # the papers' chain from noise, and the calibrated start
         sampling = RestoreSettings(samples=settings.samples, steps=settings.steps, cvdm_steps=settings.cvdm_steps,
                                    seed=settings.seed, start=start)
@@ -218,17 +218,17 @@ def restore_with(model: RestoreModel, case: Degradation, settings: EvaluationSet
     return results
 
 
-def _matched_entries(model: RestoreModel, case: Degradation, settings: EvaluationSettings, name: str
-                     ) -> list[Restoration]:
+def _matched_entries(model: RestoreModel, case: Degradation, settings: EvaluationSettings, name: str,
+                     factors: Sequence[float]) -> list[Restoration]:
     from .denoise import DenoiseSettings, denoise
     from .noise import match_timestep
 
     matched = match_timestep(model.schedule, float(case.sigma)).t
     results = []
-    for factor in ENTRY_FACTORS:
+    for factor in factors:
         t = min(model.schedule.num_timesteps - 1, max(0, round(matched * factor)))
         with torch.no_grad():
-            out = denoise(lambda x, s: model.eps(x, s), model.schedule, case.image, float(case.sigma),
+            out = denoise(model.denoiser_eps(case.condition), model.schedule, case.image, float(case.sigma),
                           DenoiseSettings(ddim_steps=settings.steps, seed=settings.seed), t_override=t)
         label = f"{name}, matched entry" if factor == 1 else f"{name}, entry {factor:g}x matched"
         results.append(Restoration(label, out.image[:, 0].numpy(), extra={"t": t}))

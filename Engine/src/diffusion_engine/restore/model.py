@@ -10,6 +10,7 @@ lists under "cvdm_schedule". ``labels`` records the task, the method and what th
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from ..errors import ModelError
 from ..nets.bundle import CONFIG_NAME, DEMO_NAMES, ModelBundle, load_bundle, save_bundle
 from ..schedule import Schedule
 from ..volume import Normalisation
+from .conditional import DEFAULT_TEMPERATURE, guided_eps
 from .cvdm import LearnedSchedule
 
 TASKS = ("denoise", "impute", "superres")
@@ -62,6 +64,29 @@ class RestoreModel:
     def has_schedule_map(self) -> bool:
         """Only CVDM's pixel-wise schedule varies over the image (global and linear ones are one number)."""
         return self.learned is not None and self.learned.kind == "pixel"
+
+    @property
+    def probabilistic(self) -> bool:
+        """Trained with the paper's p_cond(t) masking of the condition (conditional denoisers)."""
+        return bool(self.info.get("probabilistic_conditioning"))
+
+    @property
+    def temperature(self) -> float:
+        return float(self.info.get("temperature", DEFAULT_TEMPERATURE))
+
+    @property
+    def enters_at_matched_step(self) -> bool:
+        """Denoisers with a discrete schedule (DDPM, conditional DDPM) can take the noisy slice in at the step
+        whose noise matches its own; CVDM's pixel-wise schedule has no single matching step."""
+        return self.task == "denoise" and self.schedule is not None
+
+    def denoiser_eps(self, noisy: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """Noise prediction eps(x_t, t) for denoising ``noisy`` [B, 1, H, W]: the unconditional DDPM's, or the
+        conditional model's p_cond-weighted blend of its conditioned and masked predictions."""
+        if self.method == "ddpm":
+            return self.eps
+        return lambda x, t: guided_eps(self.eps, x, noisy, t, probabilistic=self.probabilistic,
+                                       temperature=self.temperature)
 
 
 def _tensor_lists(module: nn.Module) -> dict[str, Any]:

@@ -17,22 +17,29 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 import torch
+from scipy import ndimage
 
 from ..errors import InputError
 from ..progress import Progress, warn
 from ..volume import (
+    PLANES,
+    Case,
     SliceGeometry,
+    back_from_plane,
     canonical_array,
     foreground_mask,
     from_model_slices,
     grid_difference,
     image_grid,
+    missing_axial_slices,
     read_case,
     read_image,
     resize_slices,
     restore_intensity,
     to_model_grid,
     to_model_slices,
+    view_case_in_plane,
+    view_in_plane,
 )
 from . import cvdm
 from .conditional import sample_conditional
@@ -54,6 +61,7 @@ class RestoreSettings:
     start: float | None = None  # conditional/CVDM chain start in (0, 1]; None: the model's calibrated start
     factor: int | None = None  # super-resolution factor the input has lost
     sigma: float | None = None  # known noise level in input units (skips the estimate)
+    plane: str = "auto"  # slicing plane; auto: axial, or coronal when whole axial slices are to be imputed
     seed: int = 0
     device: str = "cpu"
 
@@ -98,14 +106,17 @@ def _chunks(count: int) -> list[slice]:
     return [slice(i, min(i + CHUNK, count)) for i in range(0, count, CHUNK)]
 
 
+def uses_matched_entry(model: RestoreModel, settings: RestoreSettings) -> bool:
+    """Denoise by entering the chain at the noise-matched step: always for a DDPM, and for a conditional DDPM
+    unless a sampling start is asked for (``--start 1`` is the paper's conditional chain from noise)."""
+    return model.enters_at_matched_step and (model.method == "ddpm" or settings.start is None)
+
+
 def _matched_denoise(model: RestoreModel, slices: torch.Tensor, sigma: float, settings: RestoreSettings,
                      bar: Progress) -> tuple[torch.Tensor, dict[str, Any]]:
-    def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return model.eps(x, t)
-
     outputs, report = [], {}
     for part in _chunks(len(slices)):
-        result = denoise(eps_fn, model.schedule, slices[part], sigma,
+        result = denoise(model.denoiser_eps(slices[part]), model.schedule, slices[part], sigma,
                          DenoiseSettings(sampler=settings.sampler, ddim_steps=settings.steps, cycles=settings.cycles,
                                          seed=settings.seed))
         outputs.append(result.image)
@@ -121,8 +132,7 @@ def _sample(model: RestoreModel, condition: torch.Tensor, seed: int, settings: R
         return cvdm.sample(model.eps, model.learned, condition, steps=settings.cvdm_steps, generator=generator,
                            start=start)
     return sample_conditional(model.eps, model.schedule, condition, steps=settings.steps,
-                              probabilistic=bool(model.info.get("probabilistic_conditioning")),
-                              temperature=float(model.info.get("temperature", 1.0)), generator=generator,
+                              probabilistic=model.probabilistic, temperature=model.temperature, generator=generator,
                               start=start)
 
 
@@ -178,21 +188,58 @@ def _check_task(model: RestoreModel, task: str, settings: RestoreSettings, mask:
         raise InputError("imputation needs the mask of missing voxels", fix="pass --mask MISSING.nii.gz (1 = missing)")
     if settings.samples < 1:
         raise InputError(f"samples must be at least 1 (got {settings.samples})", fix="pass --samples 1 or more")
+    if settings.plane not in ("auto", *PLANES):
+        raise InputError(f"unknown slicing plane {settings.plane!r}", fix=f"pass one of auto, {', '.join(PLANES)}")
     if settings.start is not None and not 0 < settings.start <= 1:
         raise InputError(f"the sampling start {settings.start} is outside (0, 1]",
                          fix="pass --start 1 for the full chain from noise, or a fraction such as 0.2")
 
 
-def _missing_mask(mask: Any, reference: sitk.Image, geometry: SliceGeometry) -> tuple[np.ndarray, np.ndarray]:
-    """(missing voxels in the input's array layout, model-grid observed mask [S, 1, H, W]) from a mask image."""
+def _read_mask(mask: Any, reference: sitk.Image) -> sitk.Image:
+    """The missing-voxel mask, checked to lie on the input's voxel grid."""
     image = mask if isinstance(mask, sitk.Image) else read_image(mask, label_map=True)
-    source = str(mask) if not isinstance(mask, sitk.Image) else "mask"
     problem = grid_difference(image_grid(reference), image_grid(image))
     if problem:
-        raise InputError(f"the mask does not match the image ({problem})", path=source,
+        raise InputError(f"the mask does not match the image ({problem})",
+                         path=str(mask) if not isinstance(mask, sitk.Image) else "mask",
                          fix="give a mask on the input image's voxel grid")
-    missing = to_model_grid(image, geometry, interpolation="nearest", source=source) > 0
-    return sitk.GetArrayFromImage(image) > 0, (~missing)[:, None].astype(np.float32)
+    return image
+
+
+def _plane(settings: RestoreSettings, missing: sitk.Image | None) -> str:
+    """The slicing plane: as asked, or (auto) coronal when whole axial slices are missing, which no axial slice
+    can show the model; a missing axial slice is a missing row of every coronal slice."""
+    if settings.plane != "auto":
+        if settings.plane == "axial" and missing is not None and missing_axial_slices(missing):
+            warn(f"{missing_axial_slices(missing)} axial slices are missing entirely: in axial slices the model "
+                 "sees nothing of them and can only invent them; --plane coronal or sagittal fills them from their "
+                 "neighbours")
+        return settings.plane
+    return "coronal" if missing is not None and missing_axial_slices(missing) else "axial"
+
+
+def _fill_missing(case: Case, missing: sitk.Image) -> Case:
+    """The case with each missing voxel set to its nearest observed voxel's value. Only for finding the head and
+    the intensity scale (holes, and zeroed slices above all, would break both); the model never sees these."""
+    holes = sitk.GetArrayFromImage(missing) > 0
+    if holes.all():
+        raise InputError("the mask marks every voxel as missing", path="mask", fix="give a mask of the missing part")
+    if not holes.any():
+        return case
+    spacing = tuple(reversed(missing.GetSpacing()))
+    nearest = ndimage.distance_transform_edt(holes, sampling=spacing, return_distances=False, return_indices=True)
+    images = {}
+    for modality, image in case.images.items():
+        filled = sitk.GetImageFromArray(sitk.GetArrayFromImage(image)[tuple(nearest)])
+        filled.CopyInformation(image)
+        images[modality] = filled
+    return Case(images=images, sources=dict(case.sources))
+
+
+def _observed(missing: sitk.Image, geometry: SliceGeometry) -> tuple[np.ndarray, np.ndarray]:
+    """(missing voxels in the input's array layout, model-grid observed mask [S, 1, H, W])."""
+    on_model_grid = to_model_grid(missing, geometry, interpolation="nearest", source="mask") > 0
+    return sitk.GetArrayFromImage(missing) > 0, (~on_model_grid)[:, None].astype(np.float32)
 
 
 def _back(maps: np.ndarray, geometry: SliceGeometry, reference: np.ndarray | None, replace: np.ndarray | None
@@ -222,10 +269,15 @@ def restore_volume(model: str | os.PathLike[str] | RestoreModel | None, image: A
         model = load_restore_model(model, task=task, device=settings.device)
     _check_task(model, task, settings, mask)
     case = read_case({model.modality: image}, (model.modality,))
+    original = case.reference
+    missing = _read_mask(mask, original) if task == "impute" else None
+    plane = _plane(settings, missing)
+    case = view_case_in_plane(case if missing is None else _fill_missing(case, missing), plane)
     slices, geometry = to_model_slices(case, _slice_size(model), normalisation=NORMALISATION)
-    reference = sitk.GetArrayFromImage(case.reference).astype(np.float32)
-    report: dict[str, Any] = {"task": task, "method": model.method, "slices": len(slices)}
-    if model.method != "ddpm":
+    reference = sitk.GetArrayFromImage(original).astype(np.float32)  # the voxel layout of every plane's view
+    report: dict[str, Any] = {"task": task, "method": model.method, "plane": plane, "slices": len(slices)}
+    matched = uses_matched_entry(model, settings)
+    if not matched:
         report["sampling_start"] = model.sampling_start if settings.start is None else settings.start
     x = torch.from_numpy(slices).to(settings.device)
     replace = None
@@ -244,36 +296,38 @@ def restore_volume(model: str | os.PathLike[str] | RestoreModel | None, image: A
             warn(f"the image looks clean already (estimated sigma {sigma:.4g}, {sigma_model:.4f} in model units); "
                  "returning it unchanged")
             report.update(already_clean=True)
-            out = sitk.GetImageFromArray(reference)
-            out.CopyInformation(case.reference)
-            return RestoreResult(image=out, report=report)
+            return RestoreResult(image=sitk.Image(original), report=report)
         high = model.info.get("sigma_range", [0.0, math.inf])[1]
         if model.method != "ddpm" and sigma_model > high:
             warn(f"noise level {sigma_model:.3f} (model units) is above what the model was trained on ({high}); "
                  "the result may keep noise")
     if task == "impute":
-        replace, observed = _missing_mask(mask, case.reference, geometry)
+        replace, observed = _observed(view_in_plane(missing, plane), geometry)
         known = torch.from_numpy(observed).to(x.device)
         x = torch.cat([torch.where(known.bool(), x, torch.full_like(x, FILL)), known], dim=1)
         report.update(missing_fraction=float(1 - observed.mean()))
     if task == "superres":
         report.update(factor=settings.factor)
-    total = len(slices) * (1 if model.method == "ddpm" else settings.samples)
+    if matched and settings.samples > 1:
+        warn("denoising from the matched noise level gives one result and no uncertainty map "
+             "(a conditional denoiser gives one with --start 1)")
+    total = len(slices) * (1 if matched else settings.samples)
     variance = schedule = None
     x, size = _pad_for_network(x)
     with Progress(total, f"restore {task}", unit="slice") as bar:
-        if model.method == "ddpm":
+        if matched:
             restored, details = _matched_denoise(model, x, sigma_model, settings, bar)
             report.update(details)
         else:
             restored, variance, schedule = sample_restorations(model, x, settings, bar)
     restored, variance, schedule = (None if v is None else v[..., :size[0], :size[1]]
                                     for v in (restored, variance, schedule))
-    result = RestoreResult(image=_back(restored[:, 0].cpu().numpy(), geometry, reference, replace),
-                           report=report)
+    result = RestoreResult(image=back_from_plane(_back(restored[:, 0].cpu().numpy(), geometry, reference, replace),
+                                                 original), report=report)
     if variance is not None:  # onls is linear: variance scales by (scale / 2)^2
         scale = geometry.intensity.scales[0] / 2.0
-        result.uncertainty = from_model_slices(variance[:, 0].cpu().numpy() * scale**2, geometry)
+        result.uncertainty = back_from_plane(from_model_slices(variance[:, 0].cpu().numpy() * scale**2, geometry),
+                                             original)
     if schedule is not None:
-        result.schedule_map = from_model_slices(schedule[:, 0].cpu().numpy(), geometry)
+        result.schedule_map = back_from_plane(from_model_slices(schedule[:, 0].cpu().numpy(), geometry), original)
     return result

@@ -25,19 +25,23 @@ from .geometry import (
 )
 from .intensity import IntensityStats, Normalisation, normalise_slices, restore_intensity, volume_scale
 from .io import Case, check_image, read_case, read_image, write_image
+from .planes import PLANES, back_from_plane, missing_axial_slices, view_case_in_plane, view_in_plane
 
 __all__ = [
+    "PLANES",
     "Case",
     "IntensityStats",
     "Normalisation",
     "Orientation",
     "SliceGeometry",
+    "back_from_plane",
     "canonical_array",
     "check_image",
     "foreground_mask",
     "from_model_slices",
     "grid_difference",
     "image_grid",
+    "missing_axial_slices",
     "normalise_slices",
     "read_case",
     "read_image",
@@ -46,6 +50,8 @@ __all__ = [
     "select_brain_slices",
     "to_model_grid",
     "to_model_slices",
+    "view_case_in_plane",
+    "view_in_plane",
     "volume_scale",
     "write_image",
 ]
