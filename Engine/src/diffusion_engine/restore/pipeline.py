@@ -209,24 +209,24 @@ def _read_mask(mask: Any, reference: sitk.Image) -> sitk.Image:
 def _plane(settings: RestoreSettings, missing: sitk.Image | None) -> str:
     """The slicing plane: as asked, or (auto) coronal when whole axial slices are missing, which no axial slice
     can show the model; a missing axial slice is a missing row of every coronal slice."""
-    if settings.plane != "auto":
-        if settings.plane == "axial" and missing is not None and missing_axial_slices(missing):
-            warn(f"{missing_axial_slices(missing)} axial slices are missing entirely: in axial slices the model "
-                 "sees nothing of them and can only invent them; --plane coronal or sagittal fills them from their "
-                 "neighbours")
-        return settings.plane
-    return "coronal" if missing is not None and missing_axial_slices(missing) else "axial"
+    whole = 0 if missing is None else missing_axial_slices(missing)
+    if settings.plane == "auto":
+        return "coronal" if whole else "axial"
+    if settings.plane == "axial" and whole:
+        warn(f"{whole} axial slices are missing entirely: in axial slices the model sees nothing of them and can "
+             "only invent them; --plane coronal or sagittal fills them from their neighbours")
+    return settings.plane
 
 
-def _fill_missing(case: Case, missing: sitk.Image) -> Case:
-    """The case with each missing voxel set to its nearest observed voxel's value. Only for finding the head and
-    the intensity scale (holes, and zeroed slices above all, would break both); the model never sees these."""
-    holes = sitk.GetArrayFromImage(missing) > 0
+def _fill_missing(case: Case, holes: np.ndarray) -> Case:
+    """The case with each missing voxel (``holes``, the input's array layout) set to its nearest observed voxel's
+    value. Only for finding the head and the intensity scale (holes, and zeroed slices above all, would break
+    both); the model never sees these values."""
     if holes.all():
         raise InputError("the mask marks every voxel as missing", path="mask", fix="give a mask of the missing part")
     if not holes.any():
         return case
-    spacing = tuple(reversed(missing.GetSpacing()))
+    spacing = tuple(reversed(case.reference.GetSpacing()))
     nearest = ndimage.distance_transform_edt(holes, sampling=spacing, return_distances=False, return_indices=True)
     images = {}
     for modality, image in case.images.items():
@@ -236,10 +236,10 @@ def _fill_missing(case: Case, missing: sitk.Image) -> Case:
     return Case(images=images, sources=dict(case.sources))
 
 
-def _observed(missing: sitk.Image, geometry: SliceGeometry) -> tuple[np.ndarray, np.ndarray]:
-    """(missing voxels in the input's array layout, model-grid observed mask [S, 1, H, W])."""
+def _observed(missing: sitk.Image, geometry: SliceGeometry) -> np.ndarray:
+    """The model-grid observed mask [S, 1, H, W] of a missing-voxel mask on the sliced (plane-turned) grid."""
     on_model_grid = to_model_grid(missing, geometry, interpolation="nearest", source="mask") > 0
-    return sitk.GetArrayFromImage(missing) > 0, (~on_model_grid)[:, None].astype(np.float32)
+    return (~on_model_grid)[:, None].astype(np.float32)
 
 
 def _back(maps: np.ndarray, geometry: SliceGeometry, reference: np.ndarray | None, replace: np.ndarray | None
@@ -271,8 +271,9 @@ def restore_volume(model: str | os.PathLike[str] | RestoreModel | None, image: A
     case = read_case({model.modality: image}, (model.modality,))
     original = case.reference
     missing = _read_mask(mask, original) if task == "impute" else None
+    holes = None if missing is None else sitk.GetArrayFromImage(missing) > 0  # replaced voxels, input layout
     plane = _plane(settings, missing)
-    case = view_case_in_plane(case if missing is None else _fill_missing(case, missing), plane)
+    case = view_case_in_plane(case if holes is None else _fill_missing(case, holes), plane)
     slices, geometry = to_model_slices(case, _slice_size(model), normalisation=NORMALISATION)
     reference = sitk.GetArrayFromImage(original).astype(np.float32)  # the voxel layout of every plane's view
     report: dict[str, Any] = {"task": task, "method": model.method, "plane": plane, "slices": len(slices)}
@@ -280,7 +281,6 @@ def restore_volume(model: str | os.PathLike[str] | RestoreModel | None, image: A
     if not matched:
         report["sampling_start"] = model.sampling_start if settings.start is None else settings.start
     x = torch.from_numpy(slices).to(settings.device)
-    replace = None
     if task == "denoise":
         native, _ = canonical_array(case.reference)
         sigma, estimator = (settings.sigma, "given") if settings.sigma else estimate_input_sigma(native)
@@ -302,7 +302,7 @@ def restore_volume(model: str | os.PathLike[str] | RestoreModel | None, image: A
             warn(f"noise level {sigma_model:.3f} (model units) is above what the model was trained on ({high}); "
                  "the result may keep noise")
     if task == "impute":
-        replace, observed = _observed(view_in_plane(missing, plane), geometry)
+        observed = _observed(view_in_plane(missing, plane), geometry)
         known = torch.from_numpy(observed).to(x.device)
         x = torch.cat([torch.where(known.bool(), x, torch.full_like(x, FILL)), known], dim=1)
         report.update(missing_fraction=float(1 - observed.mean()))
@@ -322,7 +322,7 @@ def restore_volume(model: str | os.PathLike[str] | RestoreModel | None, image: A
             restored, variance, schedule = sample_restorations(model, x, settings, bar)
     restored, variance, schedule = (None if v is None else v[..., :size[0], :size[1]]
                                     for v in (restored, variance, schedule))
-    result = RestoreResult(image=back_from_plane(_back(restored[:, 0].cpu().numpy(), geometry, reference, replace),
+    result = RestoreResult(image=back_from_plane(_back(restored[:, 0].cpu().numpy(), geometry, reference, holes),
                                                  original), report=report)
     if variance is not None:  # onls is linear: variance scales by (scale / 2)^2
         scale = geometry.intensity.scales[0] / 2.0
