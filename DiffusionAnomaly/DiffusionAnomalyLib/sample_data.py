@@ -42,7 +42,7 @@ class DemoStyle:
 
 STYLES = {
     "anomaly": DemoStyle("DemoTumour", "DemoTumour", "lesion"),
-    "aging": DemoStyle("DemoAging", "DemoAging", "mask"),
+    "aging": DemoStyle("DemoAging", "DemoAging", "ventricles"),
 }
 
 

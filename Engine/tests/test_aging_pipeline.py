@@ -6,6 +6,7 @@ commands). The model is a tiny bundle trained for 2 steps on a 3-subject phantom
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,13 @@ from safetensors import safe_open
 from diffusion_engine import cli
 from diffusion_engine.aging import pipeline
 from diffusion_engine.aging.evaluate import image_metrics, longitudinal_pairs, ventricle_volume
-from diffusion_engine.aging.pipeline import AgingSettings, age_counterfactual, resolve_model
+from diffusion_engine.aging.pipeline import (
+    AgingSettings,
+    age_counterfactual,
+    model_spec,
+    resolve_model,
+    resolved_values,
+)
 from diffusion_engine.aging.training import AgeScale, central_rows, cross_sectional, train_aging_model
 from diffusion_engine.errors import InputError, ModelError
 from diffusion_engine.manifest import read_manifest
@@ -41,7 +48,8 @@ def model(cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("aging_model")
     settings = TrainSettings(steps=2, batch_size=4, warmup_steps=1, checkpoint_every=1000, seed=0)
     return train_aging_model(cohort, folder / "model", image_size=32, central=6, settings=settings,
-                             work_dir=folder / "work", half_precision=True, command="test")
+                             regressor_low_noise_steps=1, work_dir=folder / "work", half_precision=True,
+                             command="test")
 
 
 def t1(cohort: Path, case: str) -> str:
@@ -58,6 +66,9 @@ def test_training_writes_an_aging_bundle(model: Path, cohort: Path) -> None:
     assert {low, high} <= {row.age for row in train_rows}
     assert config["labels"]["age_low"] <= low - 5 and config["labels"]["age_high"] >= high + 5
     assert config["training"]["subjects"] == len({row.subject for row in train_rows})  # one visit per subject
+    history = config["training"]["loss_history"]
+    assert set(history) == {"regressor_low_noise", "regressor", "eps"}  # the regressor's two phases, then eps
+    assert config["training"]["regressor_low_noise"] == {"steps": 1, "t_below": 100}
     with safe_open(str(model / "eps.safetensors"), "pt") as weights:
         assert all(weights.get_tensor(k).dtype.itemsize == 2 for k in weights.keys())  # noqa: SIM118 (safe_open has no __iter__)  # float16 on disk
     bundle = resolve_model(model)
@@ -181,3 +192,37 @@ def test_demo_names_resolve_to_the_bundled_model(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(pipeline, "DEMO_MODEL", model.parent / "missing")
     with pytest.raises(ModelError, match="demo aging model"):
         resolve_model("demo")
+
+
+def test_calibration_stores_zeta_and_guidance_scale(model: Path, cohort: Path, tmp_path: Path) -> None:
+    copy = Path(shutil.copytree(model, tmp_path / "model"))
+    code = cli.main(["--progress", "none", "calibrate", "aging", "--model", str(copy), "--manifest", str(cohort),
+                     "--zetas", "1e-4,1e9", "--scales", "0,50", "--steps", "5", "--device", "cpu"])
+    assert code == 0
+    calibration = json.loads((copy / "model.json").read_text())["calibration"]
+    candidates = calibration["onls_record"]["candidates"]
+    assert len(candidates) == 4  # every (zeta, c) pair was run
+    best = max(candidates.values(), key=lambda m: m["psnr"])
+    assert (calibration["zeta"], calibration["guidance_scale"]) == (best["zeta"], best["guidance_scale"])
+    assert candidates["zeta=1e+09, c=0"]["fired_fraction"] == 1.0  # any variance is below 1e9: fires at once
+    values = resolved_values(model_spec(resolve_model(copy)), AgingSettings())
+    assert values["zeta"] == {"value": best["zeta"], "source": "calibration"}
+    assert values["guidance_scale"] == {"value": best["guidance_scale"], "source": "calibration"}
+    assert cli.main(["--progress", "none", "calibrate", "aging", "--model", str(copy), "--manifest", str(cohort),
+                     "--scales", "-1"]) == 2
+
+
+def test_cli_demo_input_uses_the_demo_case_and_its_age(model: Path, tmp_path: Path) -> None:
+    from diffusion_engine.demo import demo_case, demo_description
+
+    out, report = tmp_path / "cf.nii.gz", tmp_path / "r.json"
+    code = cli.main(["--progress", "none", "aging", "--model", str(model), "--input", "demo", "--target-age", "76",
+                     "--output", str(out), "--report", str(report), "--steps", "5", "--device", "cpu"])
+    assert code == 0
+    source = sitk.ReadImage(str(demo_case("aging")["t1"]))
+    result = sitk.ReadImage(str(out))
+    assert all(getattr(result, g)() == getattr(source, g)() for g in GEOMETRY)
+    assert json.loads(report.read_text())["age"] == demo_description("aging")["age"]
+    code = cli.main(["--progress", "none", "aging", "--model", str(model), "--input", str(demo_case("aging")["t1"]),
+                     "--target-age", "76", "--output", str(tmp_path / "other.nii.gz")])
+    assert code == 2 and not (tmp_path / "other.nii.gz").exists()  # no --age for a user's own image

@@ -167,7 +167,7 @@ class AgingEvaluation:
     examples: dict[str, Any] = field(default_factory=dict)  # images of the first subject for the figure
 
 
-def _method_name(level: float | None, scale: float, scales: Sequence[float]) -> str:
+def method_name(level: float | None, scale: float, scales: Sequence[float]) -> str:
     suffix = f" (c={scale:g})" if len(scales) > 1 else ""
     return f"ONLS{suffix}" if level is None else f"L={level:.1f}{suffix}"
 
@@ -213,7 +213,7 @@ def evaluate_subject(bundle: ModelBundle, spec: AgingSpec, pair: SubjectPair, se
         for level, start in [*fixed.items(), (None, t0)]:
             decoded = decode(eps_model, regressor, schedule, encoding.latents[start], start, grid, target, scale=scale,
                              variant=settings.guidance, chunk_size=settings.chunk_size).images
-            name = _method_name(level, scale, scales)
+            name = method_name(level, scale, scales)
             results[name] = score(decoded.cpu().numpy(), years(decoded))
             results[name]["L"] = noise_level(start, T)
             images[name] = decoded[:, 0].cpu().numpy()
@@ -255,7 +255,7 @@ def _monotone(values: Sequence[float]) -> bool:
 
 def _checks(per_subject: list[dict[str, Any]], summary: dict[str, dict[str, float]],
             scales: Sequence[float]) -> dict[str, Any]:
-    onls = _method_name(None, scales[0], scales)
+    onls = method_name(None, scales[0], scales)
     fixed = [m for m in summary if m.startswith("L=")]
     checks: dict[str, Any] = {
         "onls_ssim_at_least_every_fixed_L": all(summary[onls]["ssim"] >= summary[m]["ssim"] for m in fixed),

@@ -36,8 +36,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--model", default=None,
                         help="model folder (default: the bundled demo model, trained on synthetic phantoms)")
     parser.add_argument("--input", nargs="+", required=True, metavar="IMAGE",
-                        help="one image per modality of the model, in its order (the demo model: T1)")
-    parser.add_argument("--age", type=float, required=True, help="the subject's age at this scan, in years")
+                        help="one image per modality of the model, in its order (the demo model: T1); 'demo': the "
+                             "bundled demo case (a phantom T1 at age 65.8 whose real follow-up at 76.1 ships too)")
+    parser.add_argument("--age", type=float, default=None,
+                        help="the subject's age at this scan, in years (required, except for --input demo)")
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--target-age", type=float, help="the age to show, in years")
     target.add_argument("--target-ages", type=_ages, metavar="A,B,...",
@@ -54,7 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     group.add_argument("--guidance-scale", type=float, default=None, help="gradient scale c of the regressor guidance")
     group.add_argument("--guidance", choices=("linear", "sqrt"), default=None,
                        help="s_r = y - R (linear, default) or (y - R) sqrt(R) (the paper's algorithm box)")
-    group.add_argument("--steps", type=int, default=None, help="DDIM steps over the whole chain (default 10)")
+    group.add_argument("--steps", type=int, default=None, help="DDIM steps over the whole chain (default 100)")
     group.add_argument("--central-slices", type=int, default=None,
                        help="how many central brain slices to change (default: the model's; 0 = all)")
     group.add_argument("--fallback-noise-level", type=float, default=None,
@@ -81,6 +83,19 @@ def output_paths(output: Path, targets: list[float], sweep: bool) -> list[Path]:
     return [output.with_name(f"{stem}_age{target:g}{suffix}") for target in targets]
 
 
+def _inputs_and_age(args: argparse.Namespace) -> tuple[list[str], float]:
+    """``--input demo`` means the bundled demo case, whose recorded age is the default ``--age``."""
+    from ..demo import DEMO_WORD, demo_case, demo_description
+    from ..errors import InputError
+
+    if args.input == [DEMO_WORD]:
+        age = demo_description("aging")["age"] if args.age is None else args.age
+        return [str(path) for path in demo_case("aging").values()], age
+    if args.age is None:
+        raise InputError("the subject's age at this scan is missing", fix="give it with --age, in years")
+    return args.input, args.age
+
+
 def run(args: argparse.Namespace) -> dict[str, str]:
     import json
 
@@ -95,18 +110,18 @@ def run(args: argparse.Namespace) -> dict[str, str]:
     images = output_paths(Path(args.output), targets, sweep)
     differences = output_paths(Path(args.difference), targets, sweep) if args.difference else []
     outputs = [*images, *differences, *([Path(args.report)] if args.report else [])]
-    sources = {Path(p).resolve() for p in args.input}
+    inputs, age = _inputs_and_age(args)
+    sources = {Path(p).resolve() for p in inputs}
     resolved = [p.resolve() for p in outputs]
     if len(set(resolved)) != len(resolved) or sources & set(resolved):
         raise InputError("two outputs share a file name, or an output would overwrite an input",
                          path=", ".join(map(str, outputs)), fix="give --output, --difference and --report new names")
-    result = age_counterfactual(args.model, args.input, args.age, targets if sweep else targets[0],
-                                settings_from_args(args))
+    result = age_counterfactual(args.model, inputs, age, targets if sweep else targets[0], settings_from_args(args))
     written: list[Path] = []
     try:
         for image, path in zip(result.images, images, strict=True):
             written.append(write_image(image, path))
-        for image, path in zip(result.differences, differences, strict=True):
+        for image, path in zip(result.differences, differences, strict=True) if differences else ():
             written.append(write_image(image, path))
         if args.report:
             report = {**result.report, "outputs": {"images": list(map(str, images)),
@@ -125,5 +140,6 @@ def run(args: argparse.Namespace) -> dict[str, str]:
           file=sys.stderr)
     labels = [f"_age{t:g}" if sweep else "" for t in targets]
     paths = {f"output{label}": str(p) for label, p in zip(labels, images, strict=True)}
-    paths.update({f"difference{label}": str(p) for label, p in zip(labels, differences, strict=True)})
+    if differences:
+        paths.update({f"difference{label}": str(p) for label, p in zip(labels, differences, strict=True)})
     return paths | ({"report": args.report} if args.report else {})

@@ -68,7 +68,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     aging.add_argument("--guidance-scales", default=None,
                        help="gradient scale(s) c, comma-separated (default: the model's calibrated c)")
     aging.add_argument("--zeta", type=float, default=None, help="ONLS variance threshold (default: calibrated, 1e-4)")
-    aging.add_argument("--steps", type=int, default=None, help="DDIM steps over the chain (default 10)")
+    aging.add_argument("--steps", type=int, default=None, help="DDIM steps over the chain (default 100)")
     aging.add_argument("--sweep", default="-10,-5,5,10,15",
                        help="age sweep offsets in years around the baseline age, written --sweep=-10,-5,5 "
                             "(empty for none)")

@@ -48,6 +48,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help=f"comma-separated modality columns to use, among {', '.join(MODALITIES)} (default t1)")
     aging.add_argument("--regressor-preset", default="regressor", help="network of the age regressor")
     aging.add_argument("--regressor-steps", type=int, default=None, help="regressor steps (default: --steps)")
+    aging.add_argument("--regressor-lr", type=float, default=None, help="regressor learning rate (default: --lr)")
+    aging.add_argument("--regressor-low-noise-steps", type=int, default=0,
+                       help="first train the regressor this many steps on nearly clean slices (t < T/10), then on "
+                            "uniform t (default 0: uniform t only)")
     aging.add_argument("--regressor-batch-size", type=int, default=None,
                        help="regressor slices per step (default: --batch-size)")
     aging.add_argument("--central-slices", type=int, default=16,
@@ -133,10 +137,12 @@ def run_aging(args: argparse.Namespace) -> dict[str, str]:
     modalities = tuple(m.strip() for m in args.modalities.split(",") if m.strip())
     settings = _settings(args)
     regressor = dataclasses.replace(settings, steps=args.regressor_steps or settings.steps,
-                                    batch_size=args.regressor_batch_size or settings.batch_size)
+                                    batch_size=args.regressor_batch_size or settings.batch_size,
+                                    learning_rate=args.regressor_lr or settings.learning_rate)
     out = train_aging_model(args.manifest, args.out, modalities=modalities, preset=args.preset,
                             regressor_preset=args.regressor_preset, image_size=args.image_size,
                             central=args.central_slices, settings=settings, regressor_settings=regressor,
+                            regressor_low_noise_steps=args.regressor_low_noise_steps,
                             work_dir=Path(args.work_dir) if args.work_dir else None, half_precision=args.half,
                             command=command_line(args))
     return {"model": str(out)}

@@ -1,0 +1,83 @@
+"""ONLS cost per subject with an aging model (default: the bundled demo model): seconds and peak memory.
+
+    python Engine/benchmarks/aging_speed.py [--model MODEL] [--out aging_speed.md] [--steps 100]
+
+The bundled demo case (a 2 mm phantom T1, 99 x 117 x 95 voxels, age 65.8) is aged to 76.1 years by
+`diffusion-engine aging` in a fresh Python process per configuration, which reports its own peak resident memory
+(Linux VmHWM) when it ends; the wall time includes reading, preprocessing, the ONLS encoding, the guided decoding
+and writing the outputs. Configurations: the model's central slab (the default) and every brain slice
+(`--central-slices 0`), each with ONLS and with a fixed L = 0.6. The report's network evaluations come from the
+run's own JSON report; the UNet runs under no_grad in every configuration (the regressor alone is differentiated:
+Engine/tests/test_aging_onls.py checks that no UNet parameter receives a gradient).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from restore_speed import CHILD  # the same fresh-process runner that reports its own VmHWM
+
+CONFIGURATIONS = (("central slab, ONLS", []), ("central slab, fixed L = 0.6", ["--noise-level", "0.6"]),
+                  ("all brain slices, ONLS", ["--central-slices", "0"]))
+
+
+def run_aging(model: str, extra: list[str], steps: int, folder: Path, index: int) -> dict:
+    """One `diffusion-engine aging` on the demo case in a fresh interpreter: wall seconds, peak memory, report."""
+    from diffusion_engine.demo import demo_description
+
+    answer, report = folder / f"memory_{index}.json", folder / f"report_{index}.json"
+    target = demo_description("aging")["follow_up"]["age"]
+    command = [sys.executable, "-c", CHILD, str(answer), "--progress", "none", "aging", "--model", model,
+               "--input", "demo", "--target-age", f"{target:g}", "--output", str(folder / f"cf_{index}.nii.gz"),
+               "--report", str(report), "--steps", str(steps), "--device", "cpu", *extra]
+    started = time.perf_counter()
+    subprocess.run(command, check=True)
+    seconds = time.perf_counter() - started
+    return {"seconds": seconds, **json.loads(answer.read_text()), "report": json.loads(report.read_text())}
+
+
+def markdown(rows: list[tuple[str, dict]], model: str, steps: int, threads: int) -> str:
+    lines = [f"# ONLS aging speed ({platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch "
+             f"threads {threads})", "",
+             f"Model `{model}`, the bundled demo case (2 mm phantom T1, age 65.8 -> 76.1), {steps} DDIM steps over "
+             "the chain; each run is one `diffusion-engine aging` in a fresh process (read, preprocess, encode, "
+             "decode, write).", "",
+             "| configuration | slices | L | UNet evaluations | regressor evaluations | seconds | peak memory (GB) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, row in rows:
+        report = row["report"]
+        evaluations = report["network_evaluations"]
+        slices = report["slices"]["count"]
+        lines.append(f"| {name} | {slices} | {report['noise_level']['L']:.2f} | {evaluations['eps']} | "
+                     f"{evaluations['regressor']} | {row['seconds']:.1f} | {row['peak_rss_bytes'] / 1e9:.2f} |")
+    lines += ["", "Regressor evaluations include the gradient passes of the guided decoding (one per slice and step)."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="demo", help="aging model folder (default: the bundled demo model)")
+    parser.add_argument("--out", default=None, help="markdown report to write (also printed)")
+    parser.add_argument("--steps", type=int, default=100, help="DDIM steps over the chain (default 100)")
+    args = parser.parse_args()
+    import torch
+
+    with tempfile.TemporaryDirectory() as name:
+        rows = [(label, run_aging(args.model, extra, args.steps, Path(name), index))
+                for index, (label, extra) in enumerate(CONFIGURATIONS)]
+    text = markdown(rows, args.model, args.steps, torch.get_num_threads())
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text, encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Rebuild the bundled ONLS aging demo model and its held-out evaluation from nothing (CPU, about 1.5 hours on 2 cores).
+#   bash Engine/evaluations/aging_demo.sh [WORK_DIR]      (default ./aging-demo-work)
+# One longitudinal phantom cohort (seed 7): 'train' subjects (one visit each) train the networks, 'val' subjects
+# calibrate zeta and c, 'test' subjects (never seen before) give the table. Results land in Engine/evaluations/aging/.
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+work="${1:-aging-demo-work}"
+mkdir -p "$work" && cd "$work"
+run() { echo "+ $*" >&2; "$@"; }
+
+run diffusion-engine --progress none phantoms aging --out cohort --subjects 150 --spacing 2 --seed 7 \
+    --age-range 50,90 --overwrite
+# The regressor first learns on nearly clean slices (t < T/10), then on uniform t (see aging/training.py).
+run diffusion-engine train aging --manifest cohort/manifest.csv --out model --steps 2000 --batch-size 8 \
+    --regressor-steps 2500 --regressor-low-noise-steps 2500 --regressor-batch-size 12 --lr 3e-4 --regressor-lr 1e-3 \
+    --seed 0 --device cpu
+run diffusion-engine --progress none calibrate aging --model model --manifest cohort/manifest.csv --device cpu
+run diffusion-engine --progress none evaluate aging --model model --manifest cohort/manifest.csv --split test \
+    --max-subjects 10 --out "$here/aging/test" --device cpu
+run python "$here/store_demo_model.py" model "$here/../src/diffusion_engine/data/models/aging-demo"
+run python "$here/../benchmarks/aging_speed.py" --out "$here/../benchmarks/results/aging_speed_cpu.md"
