@@ -16,6 +16,7 @@ from safetensors import safe_open
 
 from diffusion_engine import cli
 from diffusion_engine.aging import pipeline
+from diffusion_engine.aging.calibration import choose
 from diffusion_engine.aging.evaluate import image_metrics, longitudinal_pairs, ventricle_volume
 from diffusion_engine.aging.pipeline import (
     AgingSettings,
@@ -202,14 +203,29 @@ def test_calibration_stores_zeta_and_guidance_scale(model: Path, cohort: Path, t
     calibration = json.loads((copy / "model.json").read_text())["calibration"]
     candidates = calibration["onls_record"]["candidates"]
     assert len(candidates) == 4  # every (zeta, c) pair was run
-    best = max(candidates.values(), key=lambda m: m["psnr"])
+    best = choose(candidates, calibration["onls_record"]["identity"])
     assert (calibration["zeta"], calibration["guidance_scale"]) == (best["zeta"], best["guidance_scale"])
+    assert calibration["guidance_scale"] == 50.0  # never c = 0: a counterfactual needs the intervention
     assert candidates["zeta=1e+09, c=0"]["fired_fraction"] == 1.0  # any variance is below 1e9: fires at once
     values = resolved_values(model_spec(resolve_model(copy)), AgingSettings())
     assert values["zeta"] == {"value": best["zeta"], "source": "calibration"}
     assert values["guidance_scale"] == {"value": best["guidance_scale"], "source": "calibration"}
     assert cli.main(["--progress", "none", "calibrate", "aging", "--model", str(copy), "--manifest", str(cohort),
                      "--scales", "-1"]) == 2
+
+
+def test_calibration_rule_needs_guidance_and_ventricles_closer_than_the_input() -> None:
+    identity = {"psnr": 36.0, "ventricle_error_ml": 4.0}
+
+    def candidate(c: float, psnr: float, error: float) -> dict[str, float]:
+        return {"zeta": 1e-3, "guidance_scale": c, "psnr": psnr, "ventricle_error_ml": error}
+
+    plain, far, near, nearer = (candidate(0, 35.9, 4.1), candidate(300, 35.5, 4.5), candidate(1000, 34.0, 3.5),
+                                candidate(3000, 30.0, 3.0))
+    pick = {"a": plain, "b": far, "c": near, "d": nearer}
+    assert choose(pick, identity) is near  # best PSNR among the guided ones that beat the input's ventricles
+    assert choose({"a": plain, "b": far}, identity) is far  # none closer: smallest ventricle error, still guided
+    assert choose({"a": plain}, identity) is plain
 
 
 def test_cli_demo_input_uses_the_demo_case_and_its_age(model: Path, tmp_path: Path) -> None:
