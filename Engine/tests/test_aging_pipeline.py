@@ -212,6 +212,8 @@ def test_calibration_stores_zeta_and_guidance_scale(model: Path, cohort: Path, t
     assert values["guidance_scale"] == {"value": best["guidance_scale"], "source": "calibration"}
     assert cli.main(["--progress", "none", "calibrate", "aging", "--model", str(copy), "--manifest", str(cohort),
                      "--scales", "-1"]) == 2
+    assert cli.main(["--progress", "none", "calibrate", "aging", "--model", str(copy), "--manifest", str(cohort),
+                     "--subjects", "-2"]) == 2
 
 
 def test_calibration_rule_needs_guidance_and_ventricles_closer_than_the_input() -> None:

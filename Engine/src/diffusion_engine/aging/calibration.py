@@ -57,6 +57,9 @@ def calibrate_onls(model_path: str | os.PathLike[str], manifest: str | os.PathLi
         raise InputError(f"guidance scales must be >= 0, got {list(scales)}", fix="e.g. --scales 0,300,1000")
     if not zetas or any(z <= 0 for z in zetas):
         raise InputError(f"variance thresholds zeta must be > 0, got {list(zetas)}", fix="e.g. --zetas 1e-4,1e-3")
+    if max_subjects is not None and max_subjects < 1:
+        raise InputError(f"the number of validation subjects must be at least 1, got {max_subjects}",
+                         fix="e.g. --subjects 6 (0 = all)")
     scales, zetas = sorted({float(c) for c in scales}), sorted({float(z) for z in zetas})
     settings = settings or AgingSettings()
     bundle = resolve_model(model_path, device=settings.device)

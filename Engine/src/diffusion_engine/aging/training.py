@@ -163,17 +163,15 @@ def train_aging_model(manifest: str | Path, out: str | Path, *, modalities: Sequ
     torch.manual_seed(regressor_settings.seed)
     regressor = build_preset(regressor_preset, **shape, out_channels=1)
     history: dict[str, list] = {}
-    targets = ages.normalise(data.ages)
+    targets, loss = ages.normalise(data.ages), regressor_loss(schedule)
+    low_t = max(1, round(LOW_NOISE_FRACTION * num_timesteps))
     if regressor_low_noise_steps:
         low_noise = replace(regressor_settings, steps=regressor_low_noise_steps)
-        low_t = max(1, round(LOW_NOISE_FRACTION * num_timesteps))
         regressor, history["regressor_low_noise"] = train(
-            regressor, regressor_loss(schedule), slice_batches(data.images, targets, low_noise.batch_size, low_t,
-                                                               device),
-            low_noise, work / "regressor-low-noise", task="training aging regressor (low noise)")
+            regressor, loss, slice_batches(data.images, targets, low_noise.batch_size, low_t, device), low_noise,
+            work / "regressor-low-noise", task="training aging regressor (low noise)")
     regressor, history["regressor"] = train(
-        regressor, regressor_loss(schedule), slice_batches(data.images, targets, regressor_settings.batch_size,
-                                                           num_timesteps, device),
+        regressor, loss, slice_batches(data.images, targets, regressor_settings.batch_size, num_timesteps, device),
         regressor_settings, work / "regressor", task="training aging regressor")
     torch.manual_seed(settings.seed)
     eps = build_preset(preset, **shape, out_channels=len(modalities), num_classes=None)
@@ -187,8 +185,7 @@ def train_aging_model(manifest: str | Path, out: str | Path, *, modalities: Sequ
                "cross_sectional": True, "train_ages": [min(train_ages), max(train_ages)],
                "presets": {"eps": preset, "regressor": regressor_preset},
                "settings": {"eps": asdict(settings), "regressor": asdict(regressor_settings)},
-               "regressor_low_noise": {"steps": regressor_low_noise_steps,
-                                       "t_below": round(LOW_NOISE_FRACTION * num_timesteps)},
+               "regressor_low_noise": {"steps": regressor_low_noise_steps, "t_below": low_t},
                "final_loss": {name: h[-1]["loss"] if h else None for name, h in history.items()},
                "loss_history": history,
                "weights_dtype": "float16" if half_precision else "float32"}
