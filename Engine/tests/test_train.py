@@ -5,9 +5,11 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
+import pytest
 import torch
 
 from diffusion_engine import progress
+from diffusion_engine.errors import InputError
 from diffusion_engine.train import EMA, TrainSettings, train
 
 progress.configure(quiet=True)
@@ -68,3 +70,12 @@ def test_ema_is_an_exponential_average() -> None:
         network.weight.fill_(1.0)
     ema.update(network, step=1000)  # past warm-up the decay is exactly 0.5
     assert ema.shadow["weight"].item() == 0.5
+
+
+@pytest.mark.parametrize("field, value, message", [("steps", 0, "steps"), ("batch_size", 0, "batch_size"),
+                                                   ("warmup_steps", -1, "warmup_steps"),
+                                                   ("learning_rate", 0.0, "learning rate"),
+                                                   ("ema_decay", 1.0, "EMA decay")])
+def test_settings_out_of_range_are_refused(field: str, value: float, message: str) -> None:
+    with pytest.raises(InputError, match=message):
+        TrainSettings(**{field: value}).validate()

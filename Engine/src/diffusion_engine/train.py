@@ -41,6 +41,9 @@ class TrainSettings:
             if getattr(self, name) < 1:
                 raise InputError(f"{name} must be at least 1 (got {getattr(self, name)})",
                                  fix=f"pass a positive --{name.replace('_', '-')}")
+        if self.warmup_steps < 0:
+            raise InputError(f"warmup_steps must not be negative (got {self.warmup_steps})",
+                             fix="pass --warmup-steps 0 or more")
         if not 0 < self.learning_rate < 1:
             raise InputError(f"learning rate {self.learning_rate} is out of range", fix="use e.g. 1e-4")
         if not 0 <= self.ema_decay < 1:
