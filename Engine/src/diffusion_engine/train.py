@@ -37,13 +37,10 @@ class TrainSettings:
     amp: bool = True  # bf16 autocast on CUDA only; CPU runs stay fp32 for reproducibility
 
     def validate(self) -> None:
-        for name in ("steps", "batch_size", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise InputError(f"{name} must be at least 1 (got {getattr(self, name)})",
-                                 fix=f"pass a positive --{name.replace('_', '-')}")
-        if self.warmup_steps < 0:
-            raise InputError(f"warmup_steps must not be negative (got {self.warmup_steps})",
-                             fix="pass --warmup-steps 0 or more")
+        for name, least in (("steps", 1), ("batch_size", 1), ("checkpoint_every", 1), ("warmup_steps", 0)):
+            if getattr(self, name) < least:
+                raise InputError(f"{name} must be at least {least} (got {getattr(self, name)})",
+                                 fix=f"pass --{name.replace('_', '-')} {least} or more")
         if not 0 < self.learning_rate < 1:
             raise InputError(f"learning rate {self.learning_rate} is out of range", fix="use e.g. 1e-4")
         if not 0 <= self.ema_decay < 1:
