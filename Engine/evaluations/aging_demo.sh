@@ -17,6 +17,9 @@ run diffusion-engine train aging --manifest cohort/manifest.csv --out model --st
     --seed 0 --device cpu
 run diffusion-engine --progress none calibrate aging --model model --manifest cohort/manifest.csv --device cpu
 run diffusion-engine --progress none evaluate aging --model model --manifest cohort/manifest.csv --split test \
-    --max-subjects 10 --out "$here/aging/test" --device cpu
+    --max-subjects 8 --out "$here/aging/test" --device cpu
+# How much PSNR against the follow-up aging alone can gain over the unchanged input (noise-free re-render).
+run python "$here/aging_noise_ceiling.py" --manifest cohort/manifest.csv --model model --max-subjects 8 \
+    --out "$here/aging/noise_ceiling.md"
 run python "$here/store_demo_model.py" model "$here/../src/diffusion_engine/data/models/aging-demo"
 run python "$here/../benchmarks/aging_speed.py" --out "$here/../benchmarks/results/aging_speed_cpu.md"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -120,6 +121,44 @@ def test_fixed_level_and_sweep_share_one_encoding(model: Path, cohort: Path) -> 
     assert np.allclose(sitk.GetArrayFromImage(single.image), sitk.GetArrayFromImage(result.images[1]), atol=1e-3)
 
 
+def test_age_change_composition_keeps_the_input_where_guidance_changes_nothing(model: Path, cohort: Path) -> None:
+    row = read_manifest(cohort).rows[0]
+    bundle = resolve_model(model)
+    slices = np.random.default_rng(0).uniform(-1, 1, (6, 1, 32, 32)).astype(np.float32)
+    unguided = AgingSettings(noise_level=0.6, guidance_scale=0.0, **FAST)
+    kept = pipeline.counterfactual_slices(bundle, slices, row.age, [row.age + 5], replace(unguided,
+                                                                                         composition="age-change"))
+    decoded = pipeline.counterfactual_slices(bundle, slices, row.age, [row.age + 5], replace(unguided,
+                                                                                            composition="decoded"))
+    # c = 0: what the guidance changed is nothing, so age-change returns the input; decoded returns the round trip
+    assert np.array_equal(kept.images[0].numpy(), slices)
+    assert np.abs(decoded.images[0].numpy() - slices).max() > 1e-3
+    guided = replace(unguided, guidance_scale=50.0)
+    sweep = pipeline.counterfactual_slices(bundle, slices, row.age, [row.age - 5, row.age + 5],
+                                           replace(guided, composition="age-change"))
+    plain = pipeline.counterfactual_slices(bundle, slices, row.age, [row.age - 5, row.age + 5],
+                                           replace(guided, composition="decoded"))
+    # age-change = input + (guided decoding - unguided decoding of the same latent), per target age
+    for k in range(2):
+        expected = slices + plain.images[k].numpy() - decoded.images[0].numpy()
+        assert np.allclose(sweep.images[k].numpy(), expected, atol=1e-5)
+    # one unguided pass for all targets: 3 grid steps (t = 599, 399, 199 of the 5-step grid) x 6 slices
+    assert sweep.network_evaluations["eps"] == plain.network_evaluations["eps"] + 3 * 6
+
+
+def test_composition_comes_from_settings_then_calibration(model: Path) -> None:
+    spec = model_spec(resolve_model(model))
+    assert resolved_values(spec, AgingSettings())["composition"] == {"value": "age-change", "source": "default"}
+    assert resolved_values(spec, AgingSettings(composition="decoded"))["composition"]["source"] == "settings"
+    # a model calibrated before compositions existed chose c for the guided decoding itself
+    older = replace(spec, calibration={"guidance_scale": 300.0})
+    assert resolved_values(older, AgingSettings())["composition"] == {"value": "decoded", "source": "default"}
+    newer = replace(spec, calibration={"guidance_scale": 300.0, "composition": "age-change"})
+    assert resolved_values(newer, AgingSettings())["composition"] == {"value": "age-change", "source": "calibration"}
+    with pytest.raises(InputError, match="composition must be one of"):
+        AgingSettings(composition="residual").validate()
+
+
 @pytest.mark.parametrize(("age", "target"), [(-3, 60), (130, 60), (60, 60), (None, 60), (60, float("nan"))])
 def test_bad_ages_are_refused(model: Path, cohort: Path, age: object, target: object) -> None:
     row = read_manifest(cohort).rows[0]
@@ -210,6 +249,7 @@ def test_calibration_stores_zeta_and_guidance_scale(model: Path, cohort: Path, t
     values = resolved_values(model_spec(resolve_model(copy)), AgingSettings())
     assert values["zeta"] == {"value": best["zeta"], "source": "calibration"}
     assert values["guidance_scale"] == {"value": best["guidance_scale"], "source": "calibration"}
+    assert values["composition"] == {"value": "age-change", "source": "calibration"}
     assert cli.main(["--progress", "none", "calibrate", "aging", "--model", str(copy), "--manifest", str(cohort),
                      "--scales", "-1"]) == 2
     assert cli.main(["--progress", "none", "calibrate", "aging", "--model", str(copy), "--manifest", str(cohort),

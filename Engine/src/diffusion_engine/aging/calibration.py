@@ -8,11 +8,13 @@ its variance never reached 1e-4). The paper's value is always among the candidat
 Every (zeta, c) runs ONLS on the validation subjects' baselines towards their follow-up ages. The choice (see
 ``choose``): a counterfactual needs the intervention (c > 0) and must move the anatomy towards the real follow-up
 (mean ventricle-volume error below the unchanged input's); among those, the largest mean PSNR against the follow-up
-wins (the paper's Table 1/2 metric). PSNR alone picks c = 0 on the phantoms: plain reconstruction is closer to the
-follow-up than any guided decoding, because a follow-up a few years later differs from its baseline by less than
-guidance changes. If no candidate moves the ventricles closer, the smallest ventricle error wins. SSIM, the
+wins (the paper's Table 1/2 metric). PSNR alone would pick c = 0, i.e. no aging: with the "decoded" composition
+the plain round trip, with "age-change" the input itself, because a follow-up a few years later differs from its
+baseline by less than strong guidance changes it (c = 0 is therefore no default candidate). If no candidate moves
+the ventricles closer, the smallest ventricle error wins. SSIM, the
 regressor's age error and how often the rule fired are recorded beside each candidate. The values go into the
-model's calibration section; `aging` and `evaluate aging` use them unless --zeta or --guidance-scale is given.
+model's calibration section, with the composition they were chosen for (pipeline.py); `aging` and `evaluate
+aging` use them unless --zeta, --guidance-scale or --composition is given.
 """
 
 from __future__ import annotations
@@ -27,10 +29,10 @@ from ..errors import InputError
 from ..nets.bundle import read_bundle_config, update_bundle_config
 from .evaluate import method_name, run_evaluation
 from .onls import PAPER_ZETA
-from .pipeline import AgingSettings, resolve_model
+from .pipeline import DEFAULT_COMPOSITION, AgingSettings, resolve_model
 
 DEFAULT_ZETAS = (PAPER_ZETA, 3e-4, 1e-3)
-DEFAULT_SCALES = (0.0, 300.0, 1000.0, 3000.0)
+DEFAULT_SCALES = (30.0, 100.0, 300.0, 1000.0)
 DEFAULT_SUBJECTS = 6
 RECORDED = ("psnr", "ssim", "ventricle_error_ml", "regressor_age_error", "L")
 
@@ -62,6 +64,8 @@ def calibrate_onls(model_path: str | os.PathLike[str], manifest: str | os.PathLi
                          fix="e.g. --subjects 6 (0 = all)")
     scales, zetas = sorted({float(c) for c in scales}), sorted({float(z) for z in zetas})
     settings = settings or AgingSettings()
+    # c is calibrated for one composition; a model's earlier record must not choose it
+    settings = replace(settings, composition=settings.composition or DEFAULT_COMPOSITION)
     bundle = resolve_model(model_path, device=settings.device)
     candidates: dict[str, dict[str, float]] = {}
     for zeta in zetas:
@@ -77,8 +81,11 @@ def calibrate_onls(model_path: str | os.PathLike[str], manifest: str | os.PathLi
     record = {"how": f"{RULE}; {evaluation.info['subjects']} '{split}' subjects",
               "candidates": candidates, "identity": identity,
               "manifest": str(Path(manifest).resolve()), "steps": settings.steps, "guidance": settings.guidance,
+              "composition": settings.composition,
               "fallback_noise_level": evaluation.info["fallback_noise_level"]["value"]}
     calibration = dict(read_bundle_config(bundle.path).get("calibration") or {})
     update_bundle_config(bundle.path, calibration={**calibration, "zeta": best["zeta"],
-                                                   "guidance_scale": best["guidance_scale"], "onls_record": record})
-    return {**record, "zeta": best["zeta"], "guidance_scale": best["guidance_scale"], "best": best}
+                                                   "guidance_scale": best["guidance_scale"],
+                                                   "composition": settings.composition, "onls_record": record})
+    return {**record, "zeta": best["zeta"], "guidance_scale": best["guidance_scale"],
+            "composition": settings.composition, "best": best}

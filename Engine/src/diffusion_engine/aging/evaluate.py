@@ -2,7 +2,9 @@
 
 For each held-out subject (first and last visit of the split): one DDIM encoding of the baseline's slab keeps the
 latents at every fixed noise level L and finds ONLS's t0; each is decoded with regressor guidance towards the
-follow-up age. The identity baseline returns the baseline unchanged. Metrics, per subject then averaged:
+follow-up age and composed as the run's composition says (``pipeline.compose``: the guided decoding itself, or the
+input plus guided minus unguided decoding of the same latent). The identity baseline returns the baseline
+unchanged. Metrics, per subject then averaged:
 
 - SSIM (window 11), MSE, PSNR between the counterfactual and the follow-up, on the model slices mapped from
   [-1, 1] to [0, 1] (data range 1); SSIM is the mean over slices, MSE over all pixels of the slab.
@@ -46,7 +48,7 @@ from ..volume import (
     volume_scale,
 )
 from .onls import decode, encode, encoding_grid, noise_level, predict, timestep_for_level
-from .pipeline import AgingSettings, AgingSpec, check_age, model_spec, resolved_values
+from .pipeline import AgingSettings, AgingSpec, check_age, compose, model_spec, resolved_values
 from .training import central_rows
 
 NOISE_LEVELS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4)  # the paper's Table 2 sweep
@@ -207,12 +209,24 @@ def evaluate_subject(bundle: ModelBundle, spec: AgingSpec, pair: SubjectPair, se
         return float(spec.ages.years(float(predict(regressor, images, 0, settings.chunk_size)[:, 0].mean())))
 
     target = spec.ages.normalise(pair.target)
+    reconstructions: dict[int, torch.Tensor] = {}
+
+    def counterfactual(start: int, targets: torch.Tensor | float, scale: float, copies: int = 1) -> torch.Tensor:
+        latent = encoding.latents[start].repeat(copies, 1, 1, 1)
+        guided = decode(eps_model, regressor, schedule, latent, start, grid, targets, scale=scale,
+                        variant=settings.guidance, chunk_size=settings.chunk_size).images
+        if values["composition"]["value"] != "age-change":
+            return guided
+        if start not in reconstructions:
+            reconstructions[start] = decode(eps_model, regressor, schedule, encoding.latents[start], start, grid,
+                                            0.0, scale=0.0, chunk_size=settings.chunk_size).images
+        return compose(x0, guided, reconstructions[start])
+
     results: dict[str, Any] = {"identity": score(pair.baseline, years(x0))}
     images: dict[str, np.ndarray] = {"baseline": pair.baseline[:, 0], "follow-up": pair.followup[:, 0]}
     for scale in scales:
         for level, start in [*fixed.items(), (None, t0)]:
-            decoded = decode(eps_model, regressor, schedule, encoding.latents[start], start, grid, target, scale=scale,
-                             variant=settings.guidance, chunk_size=settings.chunk_size).images
+            decoded = counterfactual(start, target, scale)
             name = method_name(level, scale, scales)
             results[name] = score(decoded.cpu().numpy(), years(decoded))
             results[name]["L"] = noise_level(start, T)
@@ -222,9 +236,8 @@ def evaluate_subject(bundle: ModelBundle, spec: AgingSpec, pair: SubjectPair, se
     if sweep_ages:
         k, s = len(sweep_ages), x0.shape[0]
         targets = torch.tensor([spec.ages.normalise(a) for a in sweep_ages], dtype=torch.float32, device=device)
-        decoded = decode(eps_model, regressor, schedule, encoding.latents[t0].repeat(k, 1, 1, 1), t0, grid,
-                         targets.repeat_interleave(s), scale=scales[0], variant=settings.guidance,
-                         chunk_size=settings.chunk_size).images.reshape(k, s, *x0.shape[1:]).cpu().numpy()
+        decoded = counterfactual(t0, targets.repeat_interleave(s), scales[0], copies=k)
+        decoded = decoded.reshape(k, s, *x0.shape[1:]).cpu().numpy()
         sweep_volumes = [ventricle_volume(d[:, 0], roi, threshold, pair.pixel_ml) for d in decoded]
     baseline_volume = results["identity"]["ventricle_ml"]
     return {"subject": pair.subject, "age": pair.age, "target": pair.target, "t0": t0, "L": noise_level(t0, T),
@@ -311,7 +324,8 @@ def run_evaluation(bundle: ModelBundle, manifest: str | os.PathLike[str], *, spl
     info = {"model": str(bundle.path), "manifest": str(Path(manifest).resolve()), "split": split,
             "subjects": len(per_subject), "slices_per_subject": int(per_subject[0]["images"]["baseline"].shape[0]),
             "steps": settings.steps, "zeta": values["zeta"], "guidance_scales": scales,
-            "guidance": settings.guidance, "fallback_noise_level": values["fallback_noise_level"],
+            "guidance": settings.guidance, "composition": values["composition"],
+            "fallback_noise_level": values["fallback_noise_level"],
             "noise_levels": list(levels), "sweep_offsets": list(sweep), "machine": machine_description(settings.device),
             "seconds": time.perf_counter() - started, "date": time.strftime("%Y-%m-%d %H:%M")}
     examples = per_subject[0].pop("images")
@@ -345,6 +359,7 @@ def results_markdown(evaluation: AgingEvaluation, command: str | None = None) ->
     lines += ["", "Checks:", ""] + [f"- {key}: {value}" for key, value in checks.items()]
     lines += ["", f"Settings: {info['steps']} DDIM steps, zeta {info['zeta']['value']:g} ({info['zeta']['source']}), "
               f"guidance scale(s) {', '.join(f'{c:g}' for c in info['guidance_scales'])} ({info['guidance']}), "
+              f"composition {info['composition']['value']} ({info['composition']['source']}), "
               f"{info['slices_per_subject']} central slices per subject; age sweep offsets {info['sweep_offsets']}.",
               f"Machine: {info['machine']['cpu']}, torch {info['machine']['torch']} "
               f"({info['machine']['torch_threads']} threads); {info['seconds']:.0f} s in all.",

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-SETTING_FLAGS = ("noise_level", "zeta", "guidance_scale", "guidance", "steps", "central_slices",
+SETTING_FLAGS = ("noise_level", "zeta", "guidance_scale", "guidance", "composition", "steps", "central_slices",
                  "fallback_noise_level", "chunk_size", "device")
 
 
@@ -56,6 +56,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     group.add_argument("--guidance-scale", type=float, default=None, help="gradient scale c of the regressor guidance")
     group.add_argument("--guidance", choices=("linear", "sqrt"), default=None,
                        help="s_r = y - R (linear, default) or (y - R) sqrt(R) (the paper's algorithm box)")
+    group.add_argument("--composition", choices=("age-change", "decoded"), default=None,
+                       help="age-change: the input plus what the age guidance changed (guided minus unguided "
+                            "decoding; keeps the input's detail); decoded: the guided decoding itself, as in the "
+                            "paper (default: the model's calibration)")
     group.add_argument("--steps", type=int, default=None, help="DDIM steps over the whole chain (default 100)")
     group.add_argument("--central-slices", type=int, default=None,
                        help="how many central brain slices to change (default: the model's; 0 = all)")

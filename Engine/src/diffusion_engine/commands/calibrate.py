@@ -34,17 +34,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     aging = methods.add_parser(
         "aging", help="ONLS: the variance threshold zeta and the regressor-guidance scale c",
         description="Run ONLS on the 'val' split's longitudinal pairs (baseline towards the follow-up age) with each "
-                    "candidate zeta and c and keep the pair whose counterfactuals are closest to the real follow-ups "
-                    "(largest mean PSNR). `aging` and `evaluate aging` then use them unless --zeta or "
-                    "--guidance-scale is given.")
+                    "candidate zeta and c > 0; among the pairs whose counterfactuals bring the ventricle volume "
+                    "closer to the real follow-ups than the unchanged input does, keep the one closest to the "
+                    "follow-ups (largest mean PSNR). `aging` and `evaluate aging` then use them unless --zeta, "
+                    "--guidance-scale or --composition is given.")
     aging.add_argument("--model", required=True, help="model folder to calibrate (its model.json is updated)")
     aging.add_argument("--manifest", required=True, help="longitudinal manifest.csv; the 'val' split is used")
     aging.add_argument("--zetas", type=_floats, default=None,
                        help="comma-separated variance thresholds to try (default 1e-4,3e-4,1e-3; 1e-4 is the paper's)")
     aging.add_argument("--scales", type=_floats, default=None,
-                       help="comma-separated guidance scales c >= 0 to try (default 0,300,1000,3000)")
+                       help="comma-separated guidance scales c >= 0 to try (default 30,100,300,1000)")
     aging.add_argument("--subjects", type=int, default=6, help="validation subjects used (default 6; 0 = all)")
     aging.add_argument("--steps", type=int, default=None, help="DDIM steps over the chain (default 100)")
+    aging.add_argument("--composition", choices=("age-change", "decoded"), default="age-change",
+                       help="the composition c is chosen for (see `aging --help`; default age-change)")
     aging.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     aging.set_defaults(run=run_aging)
 
@@ -80,11 +83,13 @@ def run_aging(args: argparse.Namespace) -> dict[str, str]:
     from ..aging.calibration import DEFAULT_SCALES, DEFAULT_ZETAS, calibrate_onls
     from ..aging.pipeline import DEFAULT_STEPS, AgingSettings
 
-    settings = AgingSettings(steps=args.steps or DEFAULT_STEPS, device=args.device).validate()
+    settings = AgingSettings(steps=args.steps or DEFAULT_STEPS, composition=args.composition,
+                             device=args.device).validate()
     record = calibrate_onls(args.model, args.manifest, zetas=args.zetas or DEFAULT_ZETAS,
                             scales=args.scales or DEFAULT_SCALES, settings=settings, max_subjects=args.subjects or None)
     best = record["best"]
-    print(f"zeta = {record['zeta']:g}, c = {record['guidance_scale']:g}: validation PSNR {best['psnr']:.2f} dB "
+    print(f"zeta = {record['zeta']:g}, c = {record['guidance_scale']:g} ({record['composition']}): "
+          f"validation PSNR {best['psnr']:.2f} dB "
           f"(identity {record['identity']['psnr']:.2f}), mean L {best['L']:.2f}, rule fired for "
           f"{best['fired_fraction']:.0%} of the subjects", file=sys.stderr)
     return {"model": args.model}

@@ -69,6 +69,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="gradient scale(s) c, comma-separated (default: the model's calibrated c)")
     aging.add_argument("--zeta", type=float, default=None, help="ONLS variance threshold (default: calibrated, 1e-4)")
     aging.add_argument("--steps", type=int, default=None, help="DDIM steps over the chain (default 100)")
+    aging.add_argument("--composition", choices=("age-change", "decoded"), default=None,
+                       help="how counterfactuals are composed (see `aging --help`; default: the model's calibration)")
     aging.add_argument("--sweep", default="-10,-5,5,10,15",
                        help="age sweep offsets in years around the baseline age, written --sweep=-10,-5,5 "
                             "(empty for none)")
@@ -152,7 +154,7 @@ def run_aging(args: argparse.Namespace) -> dict[str, str]:
     from ..aging.pipeline import AgingSettings, resolve_model
 
     bundle = resolve_model(args.model, device=args.device)
-    given = {"zeta": args.zeta, "steps": args.steps}
+    given = {"zeta": args.zeta, "steps": args.steps, "composition": args.composition}
     settings = AgingSettings(device=args.device, **{k: v for k, v in given.items() if v is not None})
     evaluation = run_evaluation(bundle, args.manifest, split=args.split, settings=settings,
                                 levels=_numbers(args.noise_levels), scales=_numbers(args.guidance_scales) or None,
