@@ -19,10 +19,11 @@ def test_train_command_writes_a_loadable_bundle(anomaly_cohort: Path, tmp_path: 
     out = tmp_path / "model"
     code = cli.main(["--progress", "none", "train", "anomaly", "--manifest", str(anomaly_cohort), "--out", str(out),
                      "--image-size", "32", "--steps", "3", "--batch-size", "4", "--warmup-steps", "2",
-                     "--device", "cpu"])
+                     "--checkpoint-every", "2", "--device", "cpu"])
     assert code == 0
     bundle = load_bundle(out, kind="anomaly")
     assert bundle.config["training"]["settings"]["warmup_steps"] == 2
+    assert bundle.config["training"]["settings"]["checkpoint_every"] == 2
     assert bundle.config["preprocessing"]["modalities"] == ["flair", "t2"]
     assert bundle.config["preprocessing"]["normalisation"]["method"] == "anofpdm"
     assert bundle.config["schedule"]["num_timesteps"] == 1000

@@ -74,6 +74,7 @@ def test_ema_is_an_exponential_average() -> None:
 
 @pytest.mark.parametrize("field, value, message", [("steps", 0, "steps"), ("batch_size", 0, "batch_size"),
                                                    ("warmup_steps", -1, "warmup_steps"),
+                                                   ("checkpoint_every", 0, "--checkpoint-every 1"),
                                                    ("learning_rate", 0.0, "learning rate"),
                                                    ("ema_decay", 1.0, "EMA decay")])
 def test_settings_out_of_range_are_refused(field: str, value: float, message: str) -> None:

@@ -19,6 +19,8 @@ def _add_common(parser: argparse.ArgumentParser, *, steps: int, batch_size: int)
     parser.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (cosine decay, warm-up)")
     parser.add_argument("--ema", type=float, default=0.999, help="EMA decay of the shipped weights")
     parser.add_argument("--warmup-steps", type=int, default=200, help="linear learning-rate warm-up (default 200)")
+    parser.add_argument("--checkpoint-every", type=int, default=500,
+                        help="optimiser steps between resumable checkpoints in --work-dir (default 500)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto (GPU if available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--work-dir", help="where resumable checkpoints go (default: OUT.training); rerun the same "
@@ -90,7 +92,8 @@ def _settings(args: argparse.Namespace) -> Any:
     from ..train import TrainSettings
 
     return TrainSettings(steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, ema_decay=args.ema,
-                         warmup_steps=args.warmup_steps, seed=args.seed, device=str(resolve_device(args.device)))
+                         warmup_steps=args.warmup_steps, checkpoint_every=args.checkpoint_every, seed=args.seed,
+                         device=str(resolve_device(args.device)))
 
 
 def run_anomaly(args: argparse.Namespace) -> dict[str, str]:
