@@ -284,3 +284,15 @@ def test_cli_demo_input_uses_the_demo_case_and_its_age(model: Path, tmp_path: Pa
     code = cli.main(["--progress", "none", "aging", "--model", str(model), "--input", str(demo_case("aging")["t1"]),
                      "--target-age", "76", "--output", str(tmp_path / "other.nii.gz")])
     assert code == 2 and not (tmp_path / "other.nii.gz").exists()  # no --age for a user's own image
+
+
+def test_cli_demo_input_names_the_modality_the_demo_case_lacks(cohort: Path, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    settings = TrainSettings(steps=1, batch_size=2, warmup_steps=0, checkpoint_every=1000, seed=0)
+    two = train_aging_model(cohort, tmp_path / "t1flair", modalities=("t1", "flair"), image_size=32, central=6,
+                            settings=settings, regressor_low_noise_steps=1, work_dir=tmp_path / "work", command="test")
+    out = tmp_path / "cf.nii.gz"
+    code = cli.main(["--progress", "none", "aging", "--model", str(two), "--input", "demo", "--target-age", "76",
+                     "--output", str(out), "--steps", "5", "--device", "cpu"])
+    assert code == 2 and not out.exists()
+    assert "no flair image" in capsys.readouterr().err

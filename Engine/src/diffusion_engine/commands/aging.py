@@ -87,17 +87,20 @@ def output_paths(output: Path, targets: list[float], sweep: bool) -> list[Path]:
     return [output.with_name(f"{stem}_age{target:g}{suffix}") for target in targets]
 
 
-def _inputs_and_age(args: argparse.Namespace) -> tuple[list[str], float]:
-    """``--input demo`` means the bundled demo case, whose recorded age is the default ``--age``."""
+def _model_inputs_and_age(args: argparse.Namespace, device: str) -> tuple[Any, list[str], float]:
+    """``--input demo`` means the bundled demo case in the model's modality order (the model is loaded here), and
+    its recorded age is the default ``--age``."""
+    from ..aging.pipeline import model_spec, resolve_model
     from ..demo import DEMO_WORD, demo_case, demo_description
     from ..errors import InputError
 
     if args.input == [DEMO_WORD]:
+        bundle = resolve_model(args.model, device=device)
         age = demo_description("aging")["age"] if args.age is None else args.age
-        return [str(path) for path in demo_case("aging").values()], age
+        return bundle, [str(path) for path in demo_case("aging", model_spec(bundle).modalities).values()], age
     if args.age is None:
         raise InputError("the subject's age at this scan is missing", fix="give it with --age, in years")
-    return args.input, args.age
+    return args.model, args.input, args.age
 
 
 def run(args: argparse.Namespace) -> dict[str, str]:
@@ -114,13 +117,14 @@ def run(args: argparse.Namespace) -> dict[str, str]:
     images = output_paths(Path(args.output), targets, sweep)
     differences = output_paths(Path(args.difference), targets, sweep) if args.difference else []
     outputs = [*images, *differences, *([Path(args.report)] if args.report else [])]
-    inputs, age = _inputs_and_age(args)
+    settings = settings_from_args(args)
+    model, inputs, age = _model_inputs_and_age(args, settings.device)
     sources = {Path(p).resolve() for p in inputs}
     resolved = [p.resolve() for p in outputs]
     if len(set(resolved)) != len(resolved) or sources & set(resolved):
         raise InputError("two outputs share a file name, or an output would overwrite an input",
                          path=", ".join(map(str, outputs)), fix="give --output, --difference and --report new names")
-    result = age_counterfactual(args.model, inputs, age, targets if sweep else targets[0], settings_from_args(args))
+    result = age_counterfactual(model, inputs, age, targets if sweep else targets[0], settings)
     written: list[Path] = []
     try:
         for image, path in zip(result.images, images, strict=True):
