@@ -1,7 +1,7 @@
 """How much closer to the real follow-up than the unchanged input can any aging counterfactual get on a cohort?
 
     python Engine/evaluations/aging_noise_ceiling.py --manifest aging-demo-work/cohort/manifest.csv \
-        [--seed 7 --age-range 50,90 --split test --max-subjects 8] [--out ceiling.md]
+        [--seed 7 --spacing 2 --split test --max-subjects 8] [--model MODEL] [--out ceiling.md]
 
 A phantom follow-up differs from its baseline by the aging change and by a new draw of scanner noise (phantoms/
 aging.py). This script renders the same subjects again without noise (same seed, index and ages) and scores, on
@@ -12,7 +12,7 @@ the evaluation's model slices (aging/evaluate.py), against the noisy follow-up:
   best an "age-change" counterfactual that keeps the input's own noise can do;
 - clean follow-up: the noise-free follow-up itself, an ideal denoised counterfactual.
 
-The first two bound the PSNR that aging alone can gain over the unchanged input.
+The oracle bounds the PSNR that an age change alone can gain over the unchanged input.
 """
 
 from __future__ import annotations

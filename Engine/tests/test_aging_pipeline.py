@@ -146,6 +146,13 @@ def test_age_change_composition_keeps_the_input_where_guidance_changes_nothing(m
     assert sweep.network_evaluations["eps"] == plain.network_evaluations["eps"] + 3 * 6
 
 
+def test_command_line_lists_the_pipeline_compositions() -> None:
+    from diffusion_engine.aging.pipeline import COMPOSITIONS
+    from diffusion_engine.commands.aging import COMPOSITIONS as listed
+
+    assert listed == COMPOSITIONS  # the commands spell them out so that --help needs no torch
+
+
 def test_composition_comes_from_settings_then_calibration(model: Path) -> None:
     spec = model_spec(resolve_model(model))
     assert resolved_values(spec, AgingSettings())["composition"] == {"value": "age-change", "source": "default"}

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+COMPOSITIONS = ("age-change", "decoded")  # aging.pipeline.COMPOSITIONS, spelled here so --help needs no torch
 SETTING_FLAGS = ("noise_level", "zeta", "guidance_scale", "guidance", "composition", "steps", "central_slices",
                  "fallback_noise_level", "chunk_size", "device")
 
@@ -56,7 +57,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     group.add_argument("--guidance-scale", type=float, default=None, help="gradient scale c of the regressor guidance")
     group.add_argument("--guidance", choices=("linear", "sqrt"), default=None,
                        help="s_r = y - R (linear, default) or (y - R) sqrt(R) (the paper's algorithm box)")
-    group.add_argument("--composition", choices=("age-change", "decoded"), default=None,
+    group.add_argument("--composition", choices=COMPOSITIONS, default=None,
                        help="age-change: the input plus what the age guidance changed (guided minus unguided "
                             "decoding; keeps the input's detail); decoded: the guided decoding itself, as in the "
                             "paper (default: the model's calibration)")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .aging import COMPOSITIONS
 from .anomaly import _floats, add_forward_options, add_run_options, settings_from_args
 
 
@@ -46,7 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="comma-separated guidance scales c >= 0 to try (default 30,100,300,1000)")
     aging.add_argument("--subjects", type=int, default=6, help="validation subjects used (default 6; 0 = all)")
     aging.add_argument("--steps", type=int, default=None, help="DDIM steps over the chain (default 100)")
-    aging.add_argument("--composition", choices=("age-change", "decoded"), default="age-change",
+    aging.add_argument("--composition", choices=COMPOSITIONS, default=None,
                        help="the composition c is chosen for (see `aging --help`; default age-change)")
     aging.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     aging.set_defaults(run=run_aging)

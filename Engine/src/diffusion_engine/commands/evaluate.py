@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .aging import COMPOSITIONS
+
 VARIANT_KEYS = ("anofpdm", "anofpdm_ddpm", "last_sam", "fixed_noise", "fixed_threshold", "reconstruction",
                 "intensity")  # anomaly.evaluate.VARIANTS, listed here so that --help needs no torch
 
@@ -69,7 +71,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="gradient scale(s) c, comma-separated (default: the model's calibrated c)")
     aging.add_argument("--zeta", type=float, default=None, help="ONLS variance threshold (default: calibrated, 1e-4)")
     aging.add_argument("--steps", type=int, default=None, help="DDIM steps over the chain (default 100)")
-    aging.add_argument("--composition", choices=("age-change", "decoded"), default=None,
+    aging.add_argument("--composition", choices=COMPOSITIONS, default=None,
                        help="how counterfactuals are composed (see `aging --help`; default: the model's calibration)")
     aging.add_argument("--sweep", default="-10,-5,5,10,15",
                        help="age sweep offsets in years around the baseline age, written --sweep=-10,-5,5 "
