@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 from safetensors import safe_open
 
 from diffusion_engine import cli
@@ -26,7 +27,14 @@ from diffusion_engine.aging.pipeline import (
     resolve_model,
     resolved_values,
 )
-from diffusion_engine.aging.training import AgeScale, central_rows, cross_sectional, train_aging_model
+from diffusion_engine.aging.training import (
+    AgeScale,
+    central_rows,
+    cross_sectional,
+    random_intensity_field,
+    slice_batches,
+    train_aging_model,
+)
 from diffusion_engine.errors import InputError, ModelError
 from diffusion_engine.manifest import read_manifest
 from diffusion_engine.nets.bundle import save_bundle
@@ -71,6 +79,7 @@ def test_training_writes_an_aging_bundle(model: Path, cohort: Path) -> None:
     history = config["training"]["loss_history"]
     assert set(history) == {"regressor_low_noise", "regressor", "eps"}  # the regressor's two phases, then eps
     assert config["training"]["regressor_low_noise"] == {"steps": 1, "t_below": 100}
+    assert config["training"]["regressor_augmentation"]["intensity_field"] is True  # the default
     with safe_open(str(model / "eps.safetensors"), "pt") as weights:
         assert all(weights.get_tensor(k).dtype.itemsize == 2 for k in weights.keys())  # noqa: SIM118 (safe_open has no __iter__)  # float16 on disk
     bundle = resolve_model(model)
@@ -87,6 +96,27 @@ def test_cross_sectional_and_helpers(cohort: Path) -> None:
     assert (scale.low, scale.high) == (45.0, 95.0)
     assert scale.years(scale.normalise(61.0)) == pytest.approx(61.0)
     assert len(longitudinal_pairs(rows)) == 3
+
+
+def test_intensity_augmentation_is_a_smooth_field_on_the_brain_only() -> None:
+    x0 = torch.full((3, 1, 16, 16), -1.0)
+    x0[:, :, 3:13, 3:13] = torch.linspace(-0.6, 0.6, 100).reshape(10, 10)
+    out = random_intensity_field(x0, torch.Generator().manual_seed(0))
+    assert torch.equal(out[x0 == -1.0], x0[x0 == -1.0])  # background untouched
+    log_ratio = torch.log((out[:, 0, 3:13, 3:13] + 1) / (x0[:, 0, 3:13, 3:13] + 1))
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 16), torch.linspace(-1, 1, 16), indexing="ij")
+    terms = torch.stack([torch.ones_like(yy), yy, xx, yy * xx, yy**2, xx**2], -1)[3:13, 3:13].reshape(100, 6)
+    for field in log_ratio.reshape(3, 100):
+        fit = torch.linalg.lstsq(terms.double(), field.double()[:, None]).solution
+        assert torch.allclose(terms.double() @ fit, field.double()[:, None], atol=1e-4)  # exp(quadratic): smooth
+        assert 0 < field.abs().max() < 0.5
+    assert not torch.allclose(log_ratio[0], log_ratio[1])  # one field per slice
+    images, ages = x0.numpy(), np.array([0.1, 0.5, 0.9], np.float32)
+    plain = slice_batches(images, ages, 4, 100, torch.device("cpu"))(torch.Generator().manual_seed(1))
+    augmented = slice_batches(images, ages, 4, 100, torch.device("cpu"),
+                              augment_intensity=True)(torch.Generator().manual_seed(1))
+    assert all(torch.equal(a, b) for a, b in zip(plain[1:], augmented[1:], strict=True))  # same t, noise, ages
+    assert not torch.equal(plain[0], augmented[0])
 
 
 def test_volume_round_trip_and_report(model: Path, cohort: Path) -> None:
@@ -295,9 +325,12 @@ def test_cli_demo_input_uses_the_demo_case_and_its_age(model: Path, tmp_path: Pa
 
 def test_cli_demo_input_names_the_modality_the_demo_case_lacks(cohort: Path, tmp_path: Path,
                                                                 capsys: pytest.CaptureFixture[str]) -> None:
-    settings = TrainSettings(steps=1, batch_size=2, warmup_steps=0, checkpoint_every=1000, seed=0)
-    two = train_aging_model(cohort, tmp_path / "t1flair", modalities=("t1", "flair"), image_size=32, central=6,
-                            settings=settings, regressor_low_noise_steps=1, work_dir=tmp_path / "work", command="test")
+    two = tmp_path / "t1flair"
+    assert cli.main(["--progress", "none", "train", "aging", "--manifest", str(cohort), "--out", str(two),
+                     "--modalities", "t1,flair", "--image-size", "32", "--central-slices", "6", "--steps", "1",
+                     "--batch-size", "2", "--warmup-steps", "0", "--no-regressor-augmentation", "--device", "cpu"]) == 0
+    training = json.loads((two / "model.json").read_text())["training"]
+    assert training["regressor_augmentation"]["intensity_field"] is False
     out = tmp_path / "cf.nii.gz"
     code = cli.main(["--progress", "none", "aging", "--model", str(two), "--input", "demo", "--target-age", "76",
                      "--output", str(out), "--steps", "5", "--device", "cpu"])

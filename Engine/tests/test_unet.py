@@ -22,7 +22,9 @@ from diffusion_engine.nets.unet import GroupNorm32, UNetModel, accepted_kwargs, 
 DATA = Path(__file__).parent / "data" / "guided_diffusion"
 CASES = load_file(str(DATA / "cases.safetensors"))
 CASE_CONFIGS = json.loads((DATA / "cases.json").read_text())
-TOLERANCE = {"atol": 1e-5, "rtol": 1e-5}
+# fp32 convolutions sum in a CPU-dependent order (oneDNN picks the kernel): the 3D case's outputs differ from the
+# fixture by up to 4e-5 on an AVX-512-BF16 EPYC; a wrong formula or weight mapping differs by far more than 1e-4.
+TOLERANCE = {"atol": 1e-4, "rtol": 1e-4}
 
 
 def formula_weights(shapes: dict[str, list[int]]) -> dict[str, torch.Tensor]:

@@ -3,7 +3,10 @@
 - eps: an unconditional epsilon-prediction UNet (Ho et al. noise-prediction MSE);
 - regressor: R(x_t, t), an encoder with a time embedding that predicts the normalised age of a slice from its
   noisy version x_t at a uniformly drawn t (the "anti-causal predictor" that guides decoding and whose batch
-  variance is ONLS's stopping signal).
+  variance is ONLS's stopping signal). By default it sees every slice under a random smooth intensity field
+  (gain and bias field, ``random_intensity_field``): guidance follows R's gradient, and a regressor that can read
+  age from brightness pulls the decoding towards brightness changes (a smooth field over the whole brain) instead
+  of the anatomy that ages.
 
 Both are trained with the shared loop (EMA, exact resume) and saved in one bundle of kind "aging", together
 with the age normalisation, the preprocessing and the intensity statistics that inference checks inputs against.
@@ -36,6 +39,9 @@ MIN_INTENSITY_SPREAD = 0.05  # floor of the intensity reference's spread, in mod
 # The regressor's first phase draws t below this fraction of T only: on nearly clean slices it leaves the
 # "predict the mean age" plateau in ~1500 steps, where uniform t (mostly uninformative noise) did not in 6000.
 LOW_NOISE_FRACTION = 0.1
+# Regressor augmentation (module docstring): log-scale standard deviations of the global gain and of each term of
+# the quadratic bias field (0.05: about 5% brightness per term; real bias fields span more, before correction).
+INTENSITY_GAIN_STD, BIAS_FIELD_STD = 0.05, 0.05
 
 
 @dataclass(frozen=True)
@@ -111,10 +117,23 @@ def regressor_loss(schedule: Schedule) -> Callable[[torch.nn.Module, tuple[torch
     return loss
 
 
+def random_intensity_field(x0: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """x0 in [-1, 1] (background -1) with its intensities above the background scaled by a random smooth field:
+    exp(gain + a quadratic polynomial in the slice's coordinates), one field per slice."""
+    b, _, h, w = x0.shape
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
+    basis = torch.stack([yy, xx, yy * xx, yy**2 - 1 / 3, xx**2 - 1 / 3])  # [5, H, W], roughly zero-mean terms
+    gain = INTENSITY_GAIN_STD * torch.randn(b, 1, 1, generator=generator)
+    coefficients = BIAS_FIELD_STD * torch.randn(b, len(basis), generator=generator)
+    field = torch.exp(gain + torch.einsum("bk,khw->bhw", coefficients, basis))[:, None]
+    return ((x0 + 1.0) * field - 1.0).clamp(-1.0, 1.0)
+
+
 def slice_batches(images: np.ndarray, ages: np.ndarray | None, batch_size: int, num_timesteps: int,
-                  device: torch.device) -> Callable[[torch.Generator], tuple[torch.Tensor, ...]]:
+                  device: torch.device, *, augment_intensity: bool = False
+                  ) -> Callable[[torch.Generator], tuple[torch.Tensor, ...]]:
     """Uniform slices, uniform t in [0, num_timesteps), Gaussian noise (and the slices' ages when given), all from
-    the loop's generator."""
+    the loop's generator; ``augment_intensity`` passes the slices through ``random_intensity_field``."""
     data = torch.from_numpy(images)
     targets = None if ages is None else torch.from_numpy(ages.astype(np.float32))
 
@@ -122,7 +141,8 @@ def slice_batches(images: np.ndarray, ages: np.ndarray | None, batch_size: int, 
         index = torch.randint(len(data), (batch_size,), generator=generator)
         t = torch.randint(num_timesteps, (batch_size,), generator=generator)
         noise = torch.randn(data[index].shape, generator=generator)
-        batch = (data[index], t, noise) if targets is None else (data[index], t, noise, targets[index])
+        x0 = random_intensity_field(data[index], generator) if augment_intensity else data[index]
+        batch = (x0, t, noise) if targets is None else (x0, t, noise, targets[index])
         return tuple(v.to(device) for v in batch)
 
     return next_batch
@@ -139,11 +159,12 @@ def train_aging_model(manifest: str | Path, out: str | Path, *, modalities: Sequ
                       preset: str = "tiny", regressor_preset: str = "regressor", image_size: int = 64,
                       central: int | None = DEFAULT_CENTRAL_SLICES, settings: TrainSettings | None = None,
                       regressor_settings: TrainSettings | None = None, work_dir: str | Path | None = None,
-                      regressor_low_noise_steps: int = 0, num_timesteps: int = 1000, half_precision: bool = False,
-                      command: str | None = None) -> Path:
+                      regressor_low_noise_steps: int = 0, regressor_augmentation: bool = True,
+                      num_timesteps: int = 1000, half_precision: bool = False, command: str | None = None) -> Path:
     """Train eps and R on the manifest's ``train`` split (one visit per subject) and write an aging bundle.
 
     ``regressor_low_noise_steps`` > 0 first trains R on t < LOW_NOISE_FRACTION * T only, then on uniform t.
+    ``regressor_augmentation`` trains R on slices under random smooth intensity fields (``random_intensity_field``).
     ``half_precision`` stores the weights as float16 (half the size; the loader computes in float32).
     """
     settings = settings or TrainSettings()
@@ -168,10 +189,12 @@ def train_aging_model(manifest: str | Path, out: str | Path, *, modalities: Sequ
     if regressor_low_noise_steps:
         low_noise = replace(regressor_settings, steps=regressor_low_noise_steps)
         regressor, history["regressor_low_noise"] = train(
-            regressor, loss, slice_batches(data.images, targets, low_noise.batch_size, low_t, device), low_noise,
+            regressor, loss, slice_batches(data.images, targets, low_noise.batch_size, low_t, device,
+                                           augment_intensity=regressor_augmentation), low_noise,
             work / "regressor-low-noise", task="training aging regressor (low noise)")
     regressor, history["regressor"] = train(
-        regressor, loss, slice_batches(data.images, targets, regressor_settings.batch_size, num_timesteps, device),
+        regressor, loss, slice_batches(data.images, targets, regressor_settings.batch_size, num_timesteps, device,
+                                       augment_intensity=regressor_augmentation),
         regressor_settings, work / "regressor", task="training aging regressor")
     torch.manual_seed(settings.seed)
     eps = build_preset(preset, **shape, out_channels=len(modalities), num_classes=None)
@@ -186,6 +209,8 @@ def train_aging_model(manifest: str | Path, out: str | Path, *, modalities: Sequ
                "presets": {"eps": preset, "regressor": regressor_preset},
                "settings": {"eps": asdict(settings), "regressor": asdict(regressor_settings)},
                "regressor_low_noise": {"steps": regressor_low_noise_steps, "t_below": low_t},
+               "regressor_augmentation": {"intensity_field": regressor_augmentation,
+                                          "gain_std": INTENSITY_GAIN_STD, "bias_field_std": BIAS_FIELD_STD},
                "final_loss": {name: h[-1]["loss"] if h else None for name, h in history.items()},
                "loss_history": history,
                "weights_dtype": "float16" if half_precision else "float32"}

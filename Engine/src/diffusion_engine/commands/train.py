@@ -57,6 +57,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                             "uniform t (default 0: uniform t only)")
     aging.add_argument("--regressor-batch-size", type=int, default=None,
                        help="regressor slices per step (default: --batch-size)")
+    aging.add_argument("--no-regressor-augmentation", dest="regressor_augmentation", action="store_false",
+                       help="train the regressor on the slices as they are, without random smooth intensity fields "
+                            "(gain and bias field; by default they keep it from reading age from brightness)")
     aging.add_argument("--central-slices", type=int, default=16,
                        help="train on each case's central N brain slices, the slab inference changes (0 = all; "
                             "default 16)")
@@ -147,6 +150,7 @@ def run_aging(args: argparse.Namespace) -> dict[str, str]:
                             regressor_preset=args.regressor_preset, image_size=args.image_size,
                             central=args.central_slices, settings=settings, regressor_settings=regressor,
                             regressor_low_noise_steps=args.regressor_low_noise_steps,
+                            regressor_augmentation=args.regressor_augmentation,
                             work_dir=Path(args.work_dir) if args.work_dir else None, half_precision=args.half,
                             command=command_line(args))
     return {"model": str(out)}
