@@ -194,6 +194,8 @@ def test_composition_comes_from_settings_then_calibration(model: Path) -> None:
     assert resolved_values(newer, AgingSettings())["composition"] == {"value": "age-change", "source": "calibration"}
     with pytest.raises(InputError, match="composition must be one of"):
         AgingSettings(composition="residual").validate()
+    with pytest.raises(InputError, match="precision must be one of"):
+        AgingSettings(precision="float16").validate()
 
 
 @pytest.mark.parametrize(("age", "target"), [(-3, 60), (130, 60), (60, 60), (None, 60), (60, float("nan"))])
@@ -312,8 +314,10 @@ def test_cli_demo_input_uses_the_demo_case_and_its_age(model: Path, tmp_path: Pa
 
     out, report = tmp_path / "cf.nii.gz", tmp_path / "r.json"
     code = cli.main(["--progress", "none", "aging", "--model", str(model), "--input", "demo", "--target-age", "76",
-                     "--output", str(out), "--report", str(report), "--steps", "5", "--device", "cpu"])
+                     "--output", str(out), "--report", str(report), "--steps", "5", "--device", "cpu",
+                     "--precision", "bfloat16"])
     assert code == 0
+    assert json.loads(report.read_text())["settings"]["precision"] == "bfloat16"
     source = sitk.ReadImage(str(demo_case("aging")["t1"]))
     result = sitk.ReadImage(str(out))
     assert all(getattr(result, g)() == getattr(source, g)() for g in GEOMETRY)

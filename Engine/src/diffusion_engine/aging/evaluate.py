@@ -48,7 +48,7 @@ from ..volume import (
     volume_scale,
 )
 from .onls import decode, encode, encoding_grid, noise_level, predict, timestep_for_level
-from .pipeline import AgingSettings, AgingSpec, check_age, compose, model_spec, resolved_values
+from .pipeline import AgingSettings, AgingSpec, check_age, compose, inference_networks, model_spec, resolved_values
 from .training import central_rows
 
 NOISE_LEVELS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4)  # the paper's Table 2 sweep
@@ -179,7 +179,7 @@ def evaluate_subject(bundle: ModelBundle, spec: AgingSpec, pair: SubjectPair, se
     """Every method on one subject; returns metrics per method, the sweep's volumes and the images."""
     device = torch.device("cpu") if settings.device == "auto" and not torch.cuda.is_available() \
         else torch.device("cuda" if settings.device == "auto" else settings.device)
-    eps_model, regressor = (bundle.networks[name].to(device) for name in ("eps", "regressor"))
+    eps_model, regressor = inference_networks(bundle, settings, device)
     schedule = bundle.schedule()
     T = schedule.num_timesteps
     values = resolved_values(spec, settings)
@@ -323,7 +323,7 @@ def run_evaluation(bundle: ModelBundle, manifest: str | os.PathLike[str], *, spl
 
     info = {"model": str(bundle.path), "manifest": str(Path(manifest).resolve()), "split": split,
             "subjects": len(per_subject), "slices_per_subject": int(per_subject[0]["images"]["baseline"].shape[0]),
-            "steps": settings.steps, "zeta": values["zeta"], "guidance_scales": scales,
+            "steps": settings.steps, "precision": settings.precision, "zeta": values["zeta"], "guidance_scales": scales,
             "guidance": settings.guidance, "composition": values["composition"],
             "fallback_noise_level": values["fallback_noise_level"],
             "noise_levels": list(levels), "sweep_offsets": list(sweep), "machine": machine_description(settings.device),
@@ -357,7 +357,8 @@ def results_markdown(evaluation: AgingEvaluation, command: str | None = None) ->
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     checks = evaluation.checks
     lines += ["", "Checks:", ""] + [f"- {key}: {value}" for key, value in checks.items()]
-    lines += ["", f"Settings: {info['steps']} DDIM steps, zeta {info['zeta']['value']:g} ({info['zeta']['source']}), "
+    lines += ["", f"Settings: {info['steps']} DDIM steps ({info.get('precision', 'float32')}), "
+              f"zeta {info['zeta']['value']:g} ({info['zeta']['source']}), "
               f"guidance scale(s) {', '.join(f'{c:g}' for c in info['guidance_scales'])} ({info['guidance']}), "
               f"composition {info['composition']['value']} ({info['composition']['source']}), "
               f"{info['slices_per_subject']} central slices per subject; age sweep offsets {info['sweep_offsets']}.",
