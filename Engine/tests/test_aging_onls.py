@@ -95,6 +95,11 @@ def test_onls_stop_matches_closed_form() -> None:
     # it stops at t0 unless a kept latent lies further
     assert encoding.timesteps[-1] == max(expected_t0, 399)
     assert torch.allclose(encoding.latents[399], math.sqrt(ABAR[399]) * x0, atol=1e-6)
+    # a fallback latent is kept on the way without extending the encoding; never passed, never kept
+    fallback = grid[grid.index(expected_t0) - 1]
+    passing = encode(ZeroEps(), MeanRegressor(), SCHEDULE, x0, grid, zeta=zeta, keep_if_passed=[fallback, 999])
+    assert passing.timesteps[-1] == expected_t0 and set(passing.latents) == {fallback, expected_t0}
+    assert torch.allclose(passing.latents[fallback], math.sqrt(ABAR[fallback]) * x0, atol=1e-6)
 
 
 def test_reconstruction_without_guidance_is_exact_for_zero_eps() -> None:

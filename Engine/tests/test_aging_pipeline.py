@@ -221,6 +221,20 @@ def test_too_few_slices_fall_back_to_fixed_level_with_a_warning(model: Path, coh
     assert any("variance stopping rule" in w for w in result.report["warnings"])
 
 
+def test_variance_rule_that_never_fires_falls_back_without_encoding_twice(model: Path, cohort: Path) -> None:
+    row = read_manifest(cohort).rows[0]
+    common = {"steps": 5, "device": "cpu", "central_slices": 4, "composition": "age-change"}
+    never = age_counterfactual(model, [t1(cohort, row.case)], row.age, row.age + 5,
+                               AgingSettings(zeta=1e-30, fallback_noise_level=0.6, **common))
+    fixed = age_counterfactual(model, [t1(cohort, row.case)], row.age, row.age + 5,
+                               AgingSettings(noise_level=0.6, **common))
+    assert never.report["noise_level"]["mode"] == "fallback"
+    assert any("never fell below" in w for w in never.report["warnings"])
+    # the fallback latent was kept on the way: 5 encoding steps to L = 1, then 3 guided + 3 unguided decoding steps
+    assert never.report["network_evaluations"]["eps"] == 4 * (5 + 3 + 3)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(never.images[0]), sitk.GetArrayFromImage(fixed.images[0]))
+
+
 def test_out_of_range_age_warns(model: Path, cohort: Path) -> None:
     row = read_manifest(cohort).rows[0]
     result = age_counterfactual(model, [t1(cohort, row.case)], row.age, 119.0, AgingSettings(**FAST))

@@ -129,13 +129,15 @@ class Encoding:
 
 
 def encode(eps_model: nn.Module, regressor: nn.Module, schedule: Schedule, x0: torch.Tensor, grid: Sequence[int], *,
-           zeta: float | None = None, keep: Iterable[int] = (), chunk_size: int = 64,
-           on_step: Callable[[], None] | None = None) -> Encoding:
+           zeta: float | None = None, keep: Iterable[int] = (), keep_if_passed: Iterable[int] = (),
+           chunk_size: int = 64, on_step: Callable[[], None] | None = None) -> Encoding:
     """DDIM-invert x0 along ``grid``, keeping the latents at ``keep`` and stopping at the ONLS step when ``zeta``
-    is given (the encoding goes on to the largest ``keep`` timestep if that lies further).
+    is given (the encoding goes on to the largest ``keep`` timestep if that lies further). Latents at
+    ``keep_if_passed`` are kept when the encoding passes them, without extending it (a fallback level for when the
+    variance rule never fires, so that no second encoding is needed).
     """
-    keep = sorted(set(keep))
-    unknown = [t for t in keep if t not in grid]
+    keep, passed = sorted(set(keep)), set(keep_if_passed)
+    unknown = [t for t in [*keep, *passed] if t not in grid]
     if unknown:
         raise ValueError(f"timesteps {unknown} are not on the encoding grid")
     x, t_prev = x0.float(), CLEAN
@@ -152,7 +154,7 @@ def encode(eps_model: nn.Module, regressor: nn.Module, schedule: Schedule, x0: t
         encoding.timesteps.append(t)
         encoding.variance.append(batch_variance(r))
         encoding.mean_prediction.append(float(r.mean()))
-        if t in keep:
+        if t in keep or t in passed:
             encoding.latents[t] = x.clone()
         if zeta is not None and encoding.t0 is None and encoding.variance[-1] < zeta:
             encoding.t0 = t

@@ -291,15 +291,13 @@ def counterfactual_slices(bundle: ModelBundle, slices: torch.Tensor | np.ndarray
         mode, zeta, keep = "fallback", None, [fallback]
     composition = values["composition"]["value"]
     with Progress((3 if composition == "age-change" else 2) * len(grid), task, unit="step") as bar:
-        encoding = encode(eps_model, regressor, schedule, x0, grid, zeta=zeta, keep=keep,
+        encoding = encode(eps_model, regressor, schedule, x0, grid, zeta=zeta, keep=keep, keep_if_passed=[fallback],
                           chunk_size=settings.chunk_size, on_step=lambda: bar.update())
         if mode == "onls" and encoding.t0 is None:
             _warn(warnings, f"the regressor's variance never fell below zeta = {zeta:g} (lowest "
                             f"{min(encoding.variance):.3g}); decoding from pure noise (L = 1) would lose the "
                             f"subject's identity, so the fallback L = {noise_level(fallback, T):g} is used")
             mode = "fallback"
-            encoding = encode(eps_model, regressor, schedule, x0, grid, keep=[fallback],
-                              chunk_size=settings.chunk_size)
         t0 = encoding.t0 if mode == "onls" else keep[0] if keep else fallback
         start = encoding.latents[t0]
         k, s = len(targets), x0.shape[0]
