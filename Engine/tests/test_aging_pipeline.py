@@ -176,11 +176,14 @@ def test_age_change_composition_keeps_the_input_where_guidance_changes_nothing(m
     assert sweep.network_evaluations["eps"] == plain.network_evaluations["eps"] + 3 * 6
 
 
-def test_command_line_lists_the_pipeline_compositions() -> None:
+def test_command_line_lists_the_pipeline_compositions_and_precisions() -> None:
     from diffusion_engine.aging.pipeline import COMPOSITIONS
     from diffusion_engine.commands.aging import COMPOSITIONS as listed
+    from diffusion_engine.commands.aging import PRECISIONS as listed_precisions
+    from diffusion_engine.nets.precision import PRECISIONS
 
     assert listed == COMPOSITIONS  # the commands spell them out so that --help needs no torch
+    assert listed_precisions == tuple(PRECISIONS)
 
 
 def test_composition_comes_from_settings_then_calibration(model: Path) -> None:
