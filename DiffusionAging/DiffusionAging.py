@@ -77,6 +77,8 @@ class DiffusionAgingParameterNode:
     autoNoiseLevel: bool = True
     noiseLevel: Annotated[float, WithinRange(0.05, 1.0)] = 0.6
     guidanceScale: Annotated[float, WithinRange(0.0, 1000.0)] = 0.0  # 0 = the model's / the paper's value
+    wholeBrain: bool = False
+    reducedPrecision: bool = False
 
     def folder(self) -> str:
         text = str(self.modelFolder or "")
@@ -95,7 +97,8 @@ class DiffusionAgingParameterNode:
             age=self.age, target_ages=targets, device=self.device,
             model="" if self.modelSource == MODEL_SOURCES[0] else (self.folder() or "."),
             noise_level=None if self.autoNoiseLevel else self.noiseLevel,
-            guidance_scale=self.guidanceScale or None)
+            guidance_scale=self.guidanceScale or None, whole_brain=self.wholeBrain,
+            precision="bfloat16" if self.reducedPrecision else "float32")
 
 
 class DiffusionAgingWidget(EngineJobWidget):

@@ -23,6 +23,7 @@ from DiffusionAnomalyLib.nodes import output_node, place_like, read_volume_array
 
 MODULE = "DiffusionAging"
 DEVICES = ("auto", "cuda", "cpu")
+PRECISIONS = ("float32", "bfloat16")
 DIVERGING = "vtkMRMLColorTableNodeFileDivergingBlueRed.txt"
 OUTPUT_FILE, DIFFERENCE_FILE, REPORT_FILE = "aged.nrrd", "difference.nrrd", "report.json"
 
@@ -36,6 +37,8 @@ class AgingOptions:
     device: str = "auto"
     noise_level: float | None = None  # fixed L in (0, 1]; None = ONLS chooses it per subject
     guidance_scale: float | None = None
+    whole_brain: bool = False  # every brain slice, not only the model's central slab
+    precision: str = "float32"  # the UNet's; "bfloat16" is faster where the hardware has it
     extra_args: tuple[str, ...] = ()  # further `diffusion-engine aging` options, for researchers
 
     def validate(self) -> AgingOptions:
@@ -48,6 +51,8 @@ class AgingOptions:
                             "target age(s).")
         if self.noise_level is not None and not 0 < self.noise_level <= 1:
             raise UserError(f"The noise level L must be in (0, 1], got {self.noise_level}.")
+        if self.precision not in PRECISIONS:
+            raise UserError(f"Unknown precision {self.precision!r}. Use one of {', '.join(PRECISIONS)}.")
         return self
 
     @property
@@ -62,6 +67,10 @@ class AgingOptions:
             args += ["--noise-level", repr(self.noise_level)]
         if self.guidance_scale is not None:
             args += ["--guidance-scale", repr(self.guidance_scale)]
+        if self.whole_brain:
+            args += ["--central-slices", "0"]
+        if self.precision != "float32":
+            args += ["--precision", self.precision]
         return [*args, *self.extra_args]
 
 

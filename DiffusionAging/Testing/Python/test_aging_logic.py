@@ -100,3 +100,15 @@ def test_aging_outputs_on_the_input_grid_and_sweep_sequence(tiny_model: Path) ->
     assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 3  # input, image, difference
     assert scene.GetNumberOfNodesByClass("vtkMRMLSequenceNode") == 0
     assert again.images[0].GetName() == "T1 at age 70"
+
+
+def test_whole_brain_and_reduced_precision_reach_the_engine(tiny_model: Path) -> None:
+    scene = slicer.vtkMRMLScene()
+    volume = _volume(scene, np.diag([2.0, 2.0, 2.0, 1.0]))
+    logic = AgingLogic()
+    with pytest.raises(UserError, match="Unknown precision"):
+        logic.process(volume, model=str(tiny_model), target_age=75, precision="float16", **RUN)
+    plain = logic.process(volume, model=str(tiny_model), target_age=75, **RUN)
+    assert plain.report["settings"]["central_slices"] is None and plain.report["settings"]["precision"] == "float32"
+    chosen = logic.process(volume, model=str(tiny_model), target_age=75, whole_brain=True, precision="bfloat16", **RUN)
+    assert chosen.report["settings"]["central_slices"] == 0 and chosen.report["settings"]["precision"] == "bfloat16"
