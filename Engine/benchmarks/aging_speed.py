@@ -7,7 +7,8 @@ The bundled demo case (a 2 mm phantom T1, 99 x 117 x 95 voxels, age 65.8) is age
 (Linux VmHWM) when it ends; the wall time includes reading, preprocessing, the ONLS encoding, the guided decoding
 and writing the outputs. Configurations: the model's central slab (the default) with ONLS, with a fixed L = 0.6 and
 with the paper's output (`--composition decoded`: no unguided decoding to subtract), and every brain slice
-(`--central-slices 0`) with ONLS, in float32 and with the UNet under bfloat16 autocast (`--precision bfloat16`),
+(`--central-slices 0`) with ONLS, its variance rule reading the model's slab (the default) or every slice
+(`--variance-slices 0`), in float32 and with the UNet under bfloat16 autocast (`--precision bfloat16`),
 then one UNet call per weight layout and precision in this process. The report's network evaluations come from the
 run's own JSON report; the UNet runs under no_grad in every configuration (the regressor alone is differentiated:
 Engine/tests/test_aging_onls.py checks that no UNet parameter receives a gradient).
@@ -30,6 +31,8 @@ from restore_speed import CHILD  # the same fresh-process runner that reports it
 CONFIGURATIONS = (("central slab, ONLS", []), ("central slab, fixed L = 0.6", ["--noise-level", "0.6"]),
                   ("central slab, ONLS, guided decoding only", ["--composition", "decoded"]),
                   ("all brain slices, ONLS", ["--central-slices", "0"]),
+                  ("all brain slices, ONLS, rule over every slice",
+                   ["--central-slices", "0", "--variance-slices", "0"]),
                   ("all brain slices, ONLS, bfloat16 UNet", ["--central-slices", "0", "--precision", "bfloat16"]))
 LAYOUT_SLICES, LAYOUT_REPEATS = 72, 5
 
@@ -84,14 +87,17 @@ def markdown(rows: list[tuple[str, dict]], model: str, steps: int, threads: int)
              f"Model `{model}`, the bundled demo case (2 mm phantom T1, age 65.8 -> 76.1), {steps} DDIM steps over "
              "the chain; each run is one `diffusion-engine aging` in a fresh process (read, preprocess, encode, "
              "decode, write).", "",
-             "| configuration | composition | slices | L | UNet evaluations | regressor evaluations | seconds | "
-             "peak memory (GB) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "| configuration | composition | slices | variance rule over | L | UNet evaluations | "
+             "regressor evaluations | seconds | peak memory (GB) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, row in rows:
         report = row["report"]
         evaluations = report["network_evaluations"]
         slices = report["slices"]["count"]
-        lines.append(f"| {name} | {report['composition']} | {slices} | {report['noise_level']['L']:.2f} | "
+        level = report["noise_level"]
+        rule = "-" if level["mode"] == "fixed" else f"{report['slices']['variance_rule']} slices"
+        chosen = f"{level['L']:.2f}" + (" (fallback)" if level["mode"] == "fallback" else "")
+        lines.append(f"| {name} | {report['composition']} | {slices} | {rule} | {chosen} | "
                      f"{evaluations['eps']} | {evaluations['regressor']} | {row['seconds']:.1f} | "
                      f"{row['peak_rss_bytes'] / 1e9:.2f} |")
     lines += ["", "Regressor evaluations include the gradient passes of the guided decoding (one per slice and step); "

@@ -16,12 +16,18 @@ run diffusion-engine --progress none phantoms aging --out cohort --subjects 150 
 run diffusion-engine train aging --manifest cohort/manifest.csv --out model --steps 2000 --batch-size 8 \
     --regressor-steps 2500 --regressor-low-noise-steps 2500 --regressor-batch-size 12 --lr 3e-4 --regressor-lr 1e-3 \
     --seed 0 --device cpu
-# zeta 3e-4 only: the full default grid (1e-4, 3e-4, 1e-3) chose it for the previous regressor, and each zeta
-# costs 11 minutes here.
-run diffusion-engine --progress none calibrate aging --model model --manifest cohort/manifest.csv --zetas 3e-4 \
-    --device cpu
+# The default grid: zeta 1e-4, 3e-4, 1e-3 x c 30, 100, 300, 1000 (23 minutes here).
+run diffusion-engine --progress none calibrate aging --model model --manifest cohort/manifest.csv --device cpu
+# The paper's sweep L = 1.0 .. 0.4, and 0.3 beside it (ONLS may choose L below 0.4).
 run diffusion-engine --progress none evaluate aging --model model --manifest cohort/manifest.csv --split test \
-    --max-subjects 6 --out "$here/aging/test" --device cpu
+    --noise-levels 1.0,0.9,0.8,0.7,0.6,0.5,0.4,0.3 --max-subjects 6 --out "$here/aging/test" --device cpu
+# Every brain slice changed (--central-slices 0): the variance rule on the model's 16-slice slab (the default) vs on
+# every slice (--variance-slices 0).
+for rule in slab every; do
+    run diffusion-engine --progress none evaluate aging --model model --manifest cohort/manifest.csv --split test \
+        --central-slices 0 $([ $rule = every ] && echo --variance-slices 0) --noise-levels "" --sweep "" \
+        --max-subjects 6 --no-figure --out "$here/aging/all-slices-rule-$rule" --device cpu
+done
 # What the regressor reads: age error, response to the real aging of each test pair, response to brightness.
 run python "$here/aging_regressor.py" --manifest cohort/manifest.csv --models model --out "$here/aging/regressor.md"
 # How much PSNR against the follow-up aging alone can gain over the unchanged input (noise-free re-render).

@@ -102,6 +102,18 @@ def test_onls_stop_matches_closed_form() -> None:
     assert torch.allclose(passing.latents[fallback], math.sqrt(ABAR[fallback]) * x0, atol=1e-6)
 
 
+def test_variance_rule_reads_only_the_given_rows() -> None:
+    means = torch.tensor([5.0, 0.3, 0.5, 0.8, -5.0])  # the outer rows would dominate any variance over all five
+    x0 = means[:, None, None, None].expand(5, 1, 8, 8).contiguous()
+    grid = encoding_grid(1000, 20)
+    encoding = encode(ZeroEps(), MeanRegressor(), SCHEDULE, x0, grid, zeta=1e-3, variance_rows=slice(1, 4))
+    expected = [ABAR[t] * float(np.var(means[1:4].numpy())) for t in encoding.timesteps]
+    assert encoding.variance == pytest.approx(expected, rel=1e-4)
+    assert encoding.clean_prediction.tolist() == pytest.approx(means[1:4].tolist())
+    assert encoding.regressor_rows == 3 * (1 + len(encoding.timesteps))
+    assert encoding.eps_rows == 5 * len(encoding.timesteps)  # every row is still encoded
+
+
 def test_reconstruction_without_guidance_is_exact_for_zero_eps() -> None:
     x0 = torch.randn(3, 1, 8, 8)
     grid = encoding_grid(1000, 10)

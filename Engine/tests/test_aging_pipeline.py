@@ -238,6 +238,35 @@ def test_variance_rule_that_never_fires_falls_back_without_encoding_twice(model:
     np.testing.assert_array_equal(sitk.GetArrayFromImage(never.images[0]), sitk.GetArrayFromImage(fixed.images[0]))
 
 
+class SliceMean(torch.nn.Module):
+    """R(x, t) = the slice's mean, so the batch variance is the spread of the slices' means."""
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(1, 2, 3))[:, None]
+
+
+def test_variance_rule_reads_the_models_slab_when_more_slices_are_changed(model: Path, cohort: Path) -> None:
+    row = read_manifest(cohort).rows[0]
+    bundle = resolve_model(model)  # trained on its central 6 slices
+    bundle.networks["regressor"] = SliceMean()
+    means = np.array([0.9, -0.9, 0.8, 0.1, 0.2, 0.3, 0.25, 0.15, 0.05, -0.8, 0.9, -0.9], np.float32)
+    slices = means[:, None, None, None] + np.random.default_rng(0).normal(0, 0.05, (12, 1, 32, 32)).astype(np.float32)
+    settings = AgingSettings(steps=5, device="cpu", zeta=1e-9, guidance_scale=10.0)
+    everything = pipeline.counterfactual_slices(bundle, slices, row.age, [row.age + 5], settings)
+    slab = pipeline.counterfactual_slices(bundle, slices[3:9], row.age, [row.age + 5], settings)
+    spread = pipeline.counterfactual_slices(bundle, slices, row.age, [row.age + 5],
+                                            replace(settings, variance_slices=0))
+    assert (everything.variance_slices, slab.variance_slices, spread.variance_slices) == (6, 6, 12)
+    # each slice is encoded on its own, so the slab's variance and ages do not depend on the other slices changed
+    assert everything.variance == pytest.approx(slab.variance, rel=1e-4)
+    assert everything.age_before == pytest.approx(slab.age_before, rel=1e-5)
+    assert everything.age_after == pytest.approx(slab.age_after, rel=1e-3)
+    # the outer slices' spread would decide otherwise
+    assert all(a > b for a, b in zip(spread.variance, slab.variance, strict=True))
+    assert spread.variance[0] > 10 * slab.variance[0]
+    assert everything.images.shape[1] == 12 and np.abs(everything.images[0, :3].numpy() - slices[:3]).max() > 0
+
+
 def test_out_of_range_age_warns(model: Path, cohort: Path) -> None:
     row = read_manifest(cohort).rows[0]
     result = age_counterfactual(model, [t1(cohort, row.case)], row.age, 119.0, AgingSettings(**FAST))
@@ -257,6 +286,26 @@ def test_metrics_and_ventricle_volume_by_hand() -> None:
     image = np.ones((2, 16, 16))
     image[1, 4:6, 4:8] = -1.0
     assert ventricle_volume(image, roi, 0.0, pixel_ml=0.5) == pytest.approx(8 * 0.5)
+
+
+def test_table2_checks_cover_the_papers_sweep_only() -> None:
+    from diffusion_engine.aging.evaluate import _checks
+
+    def method(psnr: float, level: float | None = None) -> dict[str, float]:
+        return {"psnr": psnr, "ssim": psnr / 100, "ventricle_error_ml": 1.0, **({"L": level} if level else {})}
+
+    subject = {"sweep": {"ages": []}, "onls_fired": True}
+    summary = {"identity": method(30.0), "L=1.0": method(31.0, 1.0), "L=0.4": method(32.0, 0.4),
+               "ONLS": method(32.5, 0.3)}
+    checks = _checks([subject], summary, [30.0])
+    assert checks["onls_psnr_at_least_every_fixed_L_0.4_to_1.0"] and checks["best_fixed_L_psnr"] == "L=0.4"
+    # a level below the paper's sweep is shown beside it, not counted in the Table-2 claim
+    checks = _checks([subject], {**summary, "L=0.3": method(33.0, 0.3)}, [30.0])
+    assert checks["onls_psnr_at_least_every_fixed_L_0.4_to_1.0"] and checks["best_fixed_L_psnr"] == "L=0.3"
+    checks = _checks([subject], {**summary, "L=0.4": method(32.6, 0.4)}, [30.0])
+    assert checks["onls_psnr_at_least_every_fixed_L_0.4_to_1.0"] is False
+    no_levels = _checks([subject], {"identity": summary["identity"], "ONLS": summary["ONLS"]}, [30.0])
+    assert no_levels["onls_psnr_at_least_every_fixed_L_0.4_to_1.0"] is None and no_levels["best_fixed_L_psnr"] is None
 
 
 def test_cli_aging_sweep_and_evaluate(model: Path, cohort: Path, tmp_path: Path) -> None:

@@ -130,11 +130,13 @@ class Encoding:
 
 def encode(eps_model: nn.Module, regressor: nn.Module, schedule: Schedule, x0: torch.Tensor, grid: Sequence[int], *,
            zeta: float | None = None, keep: Iterable[int] = (), keep_if_passed: Iterable[int] = (),
-           chunk_size: int = 64, on_step: Callable[[], None] | None = None) -> Encoding:
+           variance_rows: slice = slice(None), chunk_size: int = 64,
+           on_step: Callable[[], None] | None = None) -> Encoding:
     """DDIM-invert x0 along ``grid``, keeping the latents at ``keep`` and stopping at the ONLS step when ``zeta``
     is given (the encoding goes on to the largest ``keep`` timestep if that lies further). Latents at
     ``keep_if_passed`` are kept when the encoding passes them, without extending it (a fallback level for when the
-    variance rule never fires, so that no second encoding is needed).
+    variance rule never fires, so that no second encoding is needed). The regressor reads only ``variance_rows``
+    of the batch (default all): the slices whose variance decides the stop.
     """
     keep, passed = sorted(set(keep)), set(keep_if_passed)
     unknown = [t for t in [*keep, *passed] if t not in grid]
@@ -142,15 +144,15 @@ def encode(eps_model: nn.Module, regressor: nn.Module, schedule: Schedule, x0: t
         raise ValueError(f"timesteps {unknown} are not on the encoding grid")
     x, t_prev = x0.float(), CLEAN
     encoding = Encoding(timesteps=[], variance=[], mean_prediction=[],
-                        clean_prediction=predict(regressor, x, 0, chunk_size)[:, 0])
-    encoding.regressor_rows += x.shape[0]
+                        clean_prediction=predict(regressor, x[variance_rows], 0, chunk_size)[:, 0])
+    encoding.regressor_rows += len(encoding.clean_prediction)
     last = max(keep, default=None)
     for t in grid:
         eps = predict(eps_model, x, t_prev, chunk_size)
         x = ddim_invert_step(schedule, x, t_prev, t, eps)
-        r = predict(regressor, x, t, chunk_size)[:, 0]
+        r = predict(regressor, x[variance_rows], t, chunk_size)[:, 0]
         encoding.eps_rows += x.shape[0]
-        encoding.regressor_rows += x.shape[0]
+        encoding.regressor_rows += len(r)
         encoding.timesteps.append(t)
         encoding.variance.append(batch_variance(r))
         encoding.mean_prediction.append(float(r.mean()))

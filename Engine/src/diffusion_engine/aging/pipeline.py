@@ -18,6 +18,11 @@ Defaults and why:
 - zeta, c and the fallback L come from the model's calibration when it has one, else zeta = 1e-4 (paper E.4).
 - the central slab (the model's ``central_slices``, 16 for the demo): the paper processes the central slices
   of a subject as one batch; the variance rule needs a batch of slices that carry age information.
+- the variance rule reads the model's slab even when more slices are processed (``central_slices`` = 0: all brain
+  slices): the regressor learned age on those slices only, and on the others its spread across slices measures
+  how unfamiliar they are, not the subject's age. (Over all 72 brain slices of the demo case the variance never
+  fell below the calibrated zeta, so every all-slice run fell back to a fixed L after encoding to pure noise.) The
+  regressor's age before and after is read on the same slab; every processed slice is encoded, guided and decoded.
 - composition = "age-change": the counterfactual is input + (guided decoding - unguided decoding), both decoded
   from the same ONLS latent. The DDIM round trip alone blurs fine detail and shifts tissue borders (it is not
   exact); subtracting it leaves only what the age guidance changed, so the difference image shows aging and not
@@ -80,6 +85,7 @@ class AgingSettings:
     guidance: str = "linear"  # s_r = y - R ("linear") or (y - R) sqrt(R) ("sqrt", the paper's box)
     steps: int = DEFAULT_STEPS  # DDIM grid steps over the whole chain
     central_slices: int | None = None  # slices processed per subject; None -> the model's; 0 -> all brain slices
+    variance_slices: int | None = None  # central slices of those that the variance rule reads; None -> the model's
     fallback_noise_level: float | None = None  # L when the variance rule cannot run or never fires
     composition: str | None = None  # "age-change" or "decoded" (module docstring); None -> calibration's
     chunk_size: int = 64  # slices per network call
@@ -106,7 +112,7 @@ class AgingSettings:
         if self.precision not in PRECISIONS:
             raise InputError(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}",
                              fix="use 'float32' (exact) or 'bfloat16' (faster on CPUs with AVX-512 BF16 and GPUs)")
-        for name, low in (("steps", 1), ("chunk_size", 1), ("central_slices", 0)):
+        for name, low in (("steps", 1), ("chunk_size", 1), ("central_slices", 0), ("variance_slices", 0)):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
                 raise InputError(f"{name} must be an integer >= {low}, got {value!r}", fix=f"pass a valid {name}")
@@ -234,6 +240,7 @@ class SliceCounterfactuals:
     mode: str  # "onls", "fixed" or "fallback" (fixed L because the variance rule could not decide)
     t0: int
     level: float  # L = (t0 + 1) / T
+    variance_slices: int  # how many (central) slices the variance rule and the regressor's ages read
     encoding_timesteps: list[int]
     variance: list[float]
     age_before: float  # mean regressor estimate on the input slices (years)
@@ -282,17 +289,19 @@ def counterfactual_slices(bundle: ModelBundle, slices: torch.Tensor | np.ndarray
     grid = encoding_grid(T, settings.steps)
     mode, zeta, keep = "onls", values["zeta"]["value"], []
     fallback = timestep_for_level(values["fallback_noise_level"]["value"], grid, T)
+    slab = variance_rows(spec, settings, x0.shape[0])
+    slab_count = len(range(x0.shape[0])[slab])
     if settings.noise_level is not None:
         mode, zeta, keep = "fixed", None, [timestep_for_level(settings.noise_level, grid, T)]
-    elif x0.shape[0] < MIN_VARIANCE_SLICES:
-        _warn(warnings, f"only {x0.shape[0]} slice(s): the variance stopping rule needs at least "
+    elif slab_count < MIN_VARIANCE_SLICES:
+        _warn(warnings, f"only {slab_count} slice(s): the variance stopping rule needs at least "
                         f"{MIN_VARIANCE_SLICES} slices of the subject, so the fixed noise level L = "
                         f"{noise_level(fallback, T):g} is used instead")
         mode, zeta, keep = "fallback", None, [fallback]
     composition = values["composition"]["value"]
     with Progress((3 if composition == "age-change" else 2) * len(grid), task, unit="step") as bar:
         encoding = encode(eps_model, regressor, schedule, x0, grid, zeta=zeta, keep=keep, keep_if_passed=[fallback],
-                          chunk_size=settings.chunk_size, on_step=lambda: bar.update())
+                          variance_rows=slab, chunk_size=settings.chunk_size, on_step=lambda: bar.update())
         if mode == "onls" and encoding.t0 is None:
             _warn(warnings, f"the regressor's variance never fell below zeta = {zeta:g} (lowest "
                             f"{min(encoding.variance):.3g}); decoding from pure noise (L = 1) would lose the "
@@ -312,18 +321,25 @@ def counterfactual_slices(bundle: ModelBundle, slices: torch.Tensor | np.ndarray
         bar.update(max(0, bar.total - bar.done))  # the steps ONLS did not need
     composed = compose(x0, decoded.images, None if reconstruction is None else reconstruction.images)
     images = composed.reshape(k, s, *x0.shape[1:])
-    after = predict(regressor, composed, 0, settings.chunk_size)[:, 0].reshape(k, s).mean(dim=1)
+    after = predict(regressor, images[:, slab].flatten(0, 1), 0, settings.chunk_size)[:, 0].reshape(k, -1).mean(1)
     before = float(spec.ages.years(float(encoding.clean_prediction.mean())))
     if abs(before - age) > AGE_DISAGREEMENT_YEARS:
         _warn(warnings, f"the model's regressor estimates {before:.0f} years for an input given as {age:g}: the "
                         "image may be unlike the training data (modality, preprocessing) or the age may be wrong")
     return SliceCounterfactuals(
         images=images.cpu(), target_ages=targets, mode=mode, t0=t0, level=noise_level(t0, T),
-        encoding_timesteps=encoding.timesteps, variance=encoding.variance, age_before=before,
-        age_after=[float(spec.ages.years(float(v))) for v in after], values=values, warnings=warnings,
+        variance_slices=slab_count, encoding_timesteps=encoding.timesteps, variance=encoding.variance,
+        age_before=before, age_after=[float(spec.ages.years(float(v))) for v in after], values=values,
+        warnings=warnings,
         network_evaluations={"eps": encoding.eps_rows + decoded.eps_rows
                                     + (reconstruction.eps_rows if reconstruction is not None else 0),
-                             "regressor": encoding.regressor_rows + decoded.regressor_rows + k * s})
+                             "regressor": encoding.regressor_rows + decoded.regressor_rows + k * slab_count})
+
+
+def variance_rows(spec: AgingSpec, settings: AgingSettings, count: int) -> slice:
+    """The central rows of ``count`` processed slices that the variance rule reads: the model's slab unless
+    ``settings.variance_slices`` says otherwise (0: all of them). See the module docstring."""
+    return central_rows(count, spec.central_slices if settings.variance_slices is None else settings.variance_slices)
 
 
 def _check_intensity(spec: AgingSpec, x0: torch.Tensor, warnings: list[str]) -> None:
@@ -410,7 +426,7 @@ def _report(bundle: ModelBundle, case: Any, settings: AgingSettings, result: Sli
         "variance_curve": {"timesteps": result.encoding_timesteps, "variance": result.variance},
         "regressor_age": {"before": result.age_before, "after": result.age_after},
         "slices": {"canonical": [int(geometry.slices[i]) for i in range(len(geometry.slices))[rows]],
-                   "count": rows.stop - rows.start},
+                   "count": rows.stop - rows.start, "variance_rule": result.variance_slices},
         "warnings": result.warnings,
         "network_evaluations": result.network_evaluations,
         "composition": result.values["composition"]["value"],
@@ -422,4 +438,4 @@ def _report(bundle: ModelBundle, case: Any, settings: AgingSettings, result: Sli
 
 
 __all__ = ["AgingResult", "AgingSettings", "AgingSpec", "SliceCounterfactuals", "age_counterfactual", "check_age",
-           "counterfactual_slices", "model_spec", "resolve_model"]
+           "counterfactual_slices", "model_spec", "resolve_model", "variance_rows"]

@@ -14,8 +14,10 @@ from typing import Any
 
 COMPOSITIONS = ("age-change", "decoded")  # aging.pipeline.COMPOSITIONS, spelled here so --help needs no torch
 SETTING_FLAGS = ("noise_level", "zeta", "guidance_scale", "guidance", "composition", "steps", "central_slices",
-                 "fallback_noise_level", "chunk_size", "device", "precision")
+                 "variance_slices", "fallback_noise_level", "chunk_size", "device", "precision")
 PRECISIONS = ("float32", "bfloat16")  # nets.precision.PRECISIONS, spelled here so --help needs no torch
+VARIANCE_SLICES_HELP = ("how many central slices the ONLS variance rule reads (default: the model's slab, the slices "
+                        "its regressor learned, even when more are changed; 0 = all changed slices)")
 PRECISION_HELP = ("the UNet's compute precision: float32 (default, exact) or bfloat16 (autocast; about 1.4x faster "
                   "on CPUs with AVX-512 BF16 or AMX and on recent GPUs, results differ slightly)")
 
@@ -67,6 +69,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     group.add_argument("--steps", type=int, default=None, help="DDIM steps over the whole chain (default 100)")
     group.add_argument("--central-slices", type=int, default=None,
                        help="how many central brain slices to change (default: the model's; 0 = all)")
+    group.add_argument("--variance-slices", type=int, default=None, help=VARIANCE_SLICES_HELP)
     group.add_argument("--fallback-noise-level", type=float, default=None,
                        help="L used when the variance rule cannot run (too few slices) or never fires (default 0.6)")
     group.add_argument("--chunk-size", type=int, default=None, help="slices per network call (default 64)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .aging import COMPOSITIONS, PRECISION_HELP, PRECISIONS
+from .aging import COMPOSITIONS, PRECISION_HELP, PRECISIONS, VARIANCE_SLICES_HELP
 
 VARIANT_KEYS = ("anofpdm", "anofpdm_ddpm", "last_sam", "fixed_noise", "fixed_threshold", "reconstruction",
                 "intensity")  # anomaly.evaluate.VARIANTS, listed here so that --help needs no torch
@@ -76,6 +76,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     aging.add_argument("--sweep", default="-10,-5,5,10,15",
                        help="age sweep offsets in years around the baseline age, written --sweep=-10,-5,5 "
                             "(empty for none)")
+    aging.add_argument("--central-slices", type=int, default=None,
+                       help="central brain slices evaluated per subject (default: the model's; 0 = all)")
+    aging.add_argument("--variance-slices", type=int, default=None, help=VARIANCE_SLICES_HELP)
     aging.add_argument("--max-subjects", type=int, default=None, help="evaluate only the first N subjects")
     aging.add_argument("--precision", choices=PRECISIONS, default=None, help=PRECISION_HELP)
     aging.add_argument("--device", default="auto", help="auto (GPU if available), cpu, cuda, cuda:1, ...")
@@ -157,7 +160,8 @@ def run_aging(args: argparse.Namespace) -> dict[str, str]:
     from ..aging.pipeline import AgingSettings, resolve_model
 
     bundle = resolve_model(args.model, device=args.device)
-    given = {"zeta": args.zeta, "steps": args.steps, "composition": args.composition, "precision": args.precision}
+    given = {"zeta": args.zeta, "steps": args.steps, "composition": args.composition, "precision": args.precision,
+             "central_slices": args.central_slices, "variance_slices": args.variance_slices}
     settings = AgingSettings(device=args.device, **{k: v for k, v in given.items() if v is not None})
     evaluation = run_evaluation(bundle, args.manifest, split=args.split, settings=settings,
                                 levels=_numbers(args.noise_levels), scales=_numbers(args.guidance_scales) or None,
