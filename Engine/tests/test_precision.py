@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
-from diffusion_engine.nets.bundle import channels_last_convolutions
+from diffusion_engine.nets.bundle import channels_last_convolutions, load_bundle, save_bundle
 from diffusion_engine.nets.precision import Autocast, with_precision
 from diffusion_engine.nets.unet import build_network
 
@@ -31,6 +33,21 @@ def test_channels_last_convolutions_keep_the_outputs() -> None:
     volume_network = _unet(dims=3)  # 3D convolutions have no channels_last layout: left alone, still runs
     channels_last_convolutions(volume_network)
     assert volume_network(torch.randn(1, 1, 8, 16, 16), torch.tensor([10])).shape == (1, 1, 8, 16, 16)
+
+
+def test_every_inference_loader_uses_channels_last_on_the_cpu_and_saving_still_works(tmp_path: Path) -> None:
+    from diffusion_engine.aging.pipeline import resolve_model
+    from diffusion_engine.restore.model import load_restore_model
+
+    def layouts(network: torch.nn.Module) -> set[bool]:
+        return {m.weight.is_contiguous(memory_format=torch.channels_last)
+                for m in network.modules() if isinstance(m, torch.nn.Conv2d)}
+
+    restore, aging = load_restore_model("demo", task="denoise"), resolve_model("demo")
+    assert layouts(restore.eps) == layouts(aging.networks["eps"]) == layouts(aging.networks["regressor"]) == {True}
+    copy = load_bundle(save_bundle(tmp_path / "copy", {"eps": restore.eps}, kind="restore"))
+    for key, value in restore.eps.state_dict().items():
+        assert torch.equal(copy.networks["eps"].state_dict()[key], value)
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelError
-from ..nets.bundle import CONFIG_NAME, DEMO_NAMES, ModelBundle, load_bundle, save_bundle
+from ..nets.bundle import CONFIG_NAME, DEMO_NAMES, ModelBundle, for_inference, load_bundle, save_bundle
 from ..schedule import Schedule
 from ..volume import Normalisation
 from .conditional import DEFAULT_TEMPERATURE, guided_eps
@@ -143,7 +143,7 @@ def load_restore_model(path: str | os.PathLike[str] | None, *, task: str | None 
         if not (path / CONFIG_NAME).is_file():
             raise ModelError(f"no demo {task} model is bundled with this installation", path=path,
                              fix=f"train one with `diffusion-engine train restore --task {task}` and pass --model")
-    bundle: ModelBundle = load_bundle(path, kind="restore", device=device)
+    bundle: ModelBundle = for_inference(load_bundle(path, kind="restore", device=device))
     labels, config = bundle.config["labels"], bundle.config
     task, method = labels.get("task"), labels.get("method")
     if task not in TASKS or method not in METHODS:
