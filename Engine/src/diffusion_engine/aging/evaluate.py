@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from ..devices import resolve_device
 from ..errors import InputError
 from ..fileio import atomic_path, results_folder, write_text_atomic
 from ..manifest import ManifestRow, read_manifest
@@ -187,8 +188,7 @@ def method_name(level: float | None, scale: float, scales: Sequence[float]) -> s
 def evaluate_subject(bundle: ModelBundle, spec: AgingSpec, pair: SubjectPair, settings: AgingSettings,
                      levels: Sequence[float], scales: Sequence[float], sweep: Sequence[float]) -> dict[str, Any]:
     """Every method on one subject; returns metrics per method, the sweep's volumes and the images."""
-    device = torch.device("cpu") if settings.device == "auto" and not torch.cuda.is_available() \
-        else torch.device("cuda" if settings.device == "auto" else settings.device)
+    device = resolve_device(settings.device)
     eps_model, regressor = inference_networks(bundle, settings, device)
     schedule = bundle.schedule()
     T = schedule.num_timesteps
