@@ -103,6 +103,10 @@ def test_aging_outputs_on_the_input_grid_and_sweep_sequence(tiny_model: Path) ->
 
 
 def test_whole_brain_and_reduced_precision_reach_the_engine(tiny_model: Path) -> None:
+    from diffusion_engine.commands.aging import PRECISIONS as ENGINE_PRECISIONS
+    from DiffusionAgingLib.aging import PRECISIONS
+
+    assert PRECISIONS == ENGINE_PRECISIONS  # spelled in the panel too: the engine may live in another Python
     scene = slicer.vtkMRMLScene()
     volume = _volume(scene, np.diag([2.0, 2.0, 2.0, 1.0]))
     logic = AgingLogic()
