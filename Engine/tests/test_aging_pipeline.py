@@ -308,6 +308,21 @@ def test_table2_checks_cover_the_papers_sweep_only() -> None:
     assert no_levels["onls_psnr_at_least_every_fixed_L_0.4_to_1.0"] is None and no_levels["best_fixed_L_psnr"] is None
 
 
+def test_paired_differences_give_the_mean_gap_and_a_t_interval() -> None:
+    from diffusion_engine.aging.evaluate import paired_differences
+
+    gaps = [0.1, 0.3, -0.1, 0.5]
+    per_subject = [{"methods": {"ONLS": {"psnr": 30.0 + g, "ssim": 0.9}, "L=0.4": {"psnr": 30.0, "ssim": 0.9}}}
+                   for g in gaps]
+    paired = paired_differences(per_subject, "ONLS", ["L=0.4"])["L=0.4"]
+    half = 3.182446305 * np.std(gaps, ddof=1) / 2  # t(0.975, 3 degrees of freedom) x standard error
+    assert paired["psnr"]["mean"] == pytest.approx(0.2)
+    assert (paired["psnr"]["low"], paired["psnr"]["high"]) == pytest.approx((0.2 - half, 0.2 + half))
+    assert paired["ssim"] == pytest.approx({"mean": 0.0, "low": 0.0, "high": 0.0})
+    single = paired_differences(per_subject[:1], "ONLS", ["L=0.4"])["L=0.4"]["psnr"]
+    assert single["mean"] == pytest.approx(0.1) and np.isnan(single["low"])
+
+
 def test_cli_aging_sweep_and_evaluate(model: Path, cohort: Path, tmp_path: Path) -> None:
     row = read_manifest(cohort).rows[0]
     out = tmp_path / "cf.nii.gz"
@@ -328,7 +343,9 @@ def test_cli_aging_sweep_and_evaluate(model: Path, cohort: Path, tmp_path: Path)
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert set(results["summary"]) == {"identity", "L=1.0", "L=0.6", "ONLS"}
     assert results["summary"]["identity"]["ssim"] < 1.0  # the follow-up differs from the baseline
-    assert (tmp_path / "eval" / "figure.png").is_file() and "| SSIM |" in (tmp_path / "eval" / "results.md").read_text()
+    assert set(results["paired"]) == {"identity", "L=1.0", "L=0.6"}  # ONLS minus each other method
+    markdown = (tmp_path / "eval" / "results.md").read_text()
+    assert (tmp_path / "eval" / "figure.png").is_file() and "| SSIM |" in markdown and "| L=0.6 | " in markdown
 
 
 def test_demo_names_resolve_to_the_bundled_model(monkeypatch: pytest.MonkeyPatch, model: Path) -> None:

@@ -177,6 +177,7 @@ class AgingEvaluation:
     summary: dict[str, dict[str, float]]  # method -> mean/std of each metric
     checks: dict[str, Any]
     info: dict[str, Any]
+    paired: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # see paired_differences
     examples: dict[str, Any] = field(default_factory=dict)  # images of the first subject for the figure
 
 
@@ -273,6 +274,30 @@ def _summary(per_subject: list[dict[str, Any]], methods: list[str]) -> dict[str,
     return summary
 
 
+PAIRED_METRICS = ("psnr", "ssim")
+
+
+def paired_differences(per_subject: list[dict[str, Any]], reference: str, others: Sequence[str],
+                       keys: Sequence[str] = PAIRED_METRICS) -> dict[str, dict[str, dict[str, float]]]:
+    """Per-subject ``reference - other`` of each metric: mean and a 95% t-interval over subjects.
+
+    With a few subjects, gaps between methods can be far smaller than the spread between subjects; the interval
+    says whether a gap in the table is more than that (it is None with fewer than two subjects).
+    """
+    from scipy import stats
+
+    paired: dict[str, dict[str, dict[str, float]]] = {}
+    for other in others:
+        paired[other] = {}
+        for key in keys:
+            gaps = np.array([s["methods"][reference][key] - s["methods"][other][key] for s in per_subject])
+            mean = float(gaps.mean())
+            half = (float(stats.t.ppf(0.975, gaps.size - 1) * gaps.std(ddof=1) / math.sqrt(gaps.size))
+                    if gaps.size > 1 else math.nan)
+            paired[other][key] = {"mean": mean, "low": mean - half, "high": mean + half}
+    return paired
+
+
 def _monotone(values: Sequence[float]) -> bool:
     return all(b > a for a, b in itertools.pairwise(values))
 
@@ -349,8 +374,11 @@ def run_evaluation(bundle: ModelBundle, manifest: str | os.PathLike[str], *, spl
     examples = per_subject[0].pop("images")
     for subject in per_subject[1:]:
         subject.pop("images")
+    onls = method_name(None, scales[0], scales)
+    paired = paired_differences(per_subject, onls, [m for m in methods if m != onls])
     return AgingEvaluation(methods=methods, per_subject=per_subject, summary=summary,
-                           checks=_checks(per_subject, summary, scales), info=info, examples=examples)
+                           checks=_checks(per_subject, summary, scales), info=info, paired=paired,
+                           examples=examples)
 
 
 # ------------------------------------------------------------------------------------------------ writing
@@ -375,6 +403,7 @@ def results_markdown(evaluation: AgingEvaluation, command: str | None = None) ->
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     checks = evaluation.checks
     lines += ["", "Checks:", ""] + [f"- {key}: {value}" for key, value in checks.items()]
+    lines += _paired_markdown(evaluation)
     lines += ["", f"Settings: {info['steps']} DDIM steps ({info.get('precision', 'float32')}), "
               f"zeta {info['zeta']['value']:g} ({info['zeta']['source']}), "
               f"guidance scale(s) {', '.join(f'{c:g}' for c in info['guidance_scales'])} ({info['guidance']}), "
@@ -388,6 +417,25 @@ def results_markdown(evaluation: AgingEvaluation, command: str | None = None) ->
               "surrounding-tissue intensities, inside the baseline mask dilated by "
               f"{VENTRICLE_ROI_PIXELS} pixels)."]
     return "\n".join(lines) + "\n"
+
+
+def _paired_markdown(evaluation: AgingEvaluation) -> list[str]:
+    if not evaluation.paired:
+        return []
+    reference = next(m for m in evaluation.methods if m.startswith("ONLS"))
+    keys = list(next(iter(evaluation.paired.values())))
+    lines = ["", f"Paired per subject, {reference} minus each method: mean [95% interval over subjects] "
+             "(an interval that contains 0 means the subjects do not separate the two):", "",
+             "| method | " + " | ".join(f"{key.upper()} gap" for key in keys) + " |",
+             "|---|" + "---|" * len(keys)]
+    for method, gaps in evaluation.paired.items():
+        cells = []
+        for key, gap in gaps.items():
+            digits = 5 if key == "ssim" else 3
+            interval = f" [{gap['low']:+.{digits}f}, {gap['high']:+.{digits}f}]" if math.isfinite(gap["low"]) else ""
+            cells.append(f"{gap['mean']:+.{digits}f}{interval}")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def save_figure(evaluation: AgingEvaluation, path: str | os.PathLike[str]) -> Path:
@@ -467,7 +515,7 @@ def write_evaluation(evaluation: AgingEvaluation, out: str | os.PathLike[str], *
     """results.md, results.json and (optionally) figure.png in ``out``; returns {label: path}."""
     folder = results_folder(out)
     data = {"command": command, "info": evaluation.info, "summary": evaluation.summary, "checks": evaluation.checks,
-            "subjects": evaluation.per_subject}
+            "paired": evaluation.paired, "subjects": evaluation.per_subject}
     write_text_atomic(folder / "results.json", json.dumps(_plain(data), indent=1, allow_nan=False) + "\n")
     write_text_atomic(folder / "results.md", results_markdown(evaluation, command))
     outputs = {"results_json": str(folder / "results.json"), "results": str(folder / "results.md")}
