@@ -461,17 +461,19 @@ def save_figure(evaluation: AgingEvaluation, path: str | os.PathLike[str]) -> Pa
     axis.imshow(difference, cmap="coolwarm", vmin=-limit, vmax=limit)
     axis.set_title("ONLS - baseline", fontsize=9)
     axis.axis("off")
-    summary = evaluation.summary
+    # gaps to ONLS per subject, not the methods' means: the spread between subjects dwarfs the methods' differences
+    others = list(evaluation.paired)
     for row, (key, label) in enumerate((("ssim", "SSIM"), ("psnr", "PSNR (dB)"))):
         axis = figure.add_subplot(3, 2, 3 + row)
-        means = [summary[m][key] for m in evaluation.methods]
-        errors = [summary[m][f"{key}_std"] for m in evaluation.methods]
-        colours = ["grey" if m == "identity" else "C1" if m.startswith("ONLS") else "C0" for m in evaluation.methods]
-        axis.bar(range(len(means)), means, yerr=errors, color=colours)
-        axis.set_xticks(range(len(means)), evaluation.methods, rotation=45, fontsize=7)
-        axis.set_ylabel(label)
-        margin = 2 * max([*errors, 1e-3])
-        axis.set_ylim(min(means) - margin, max(means) + margin)
+        gaps = [evaluation.paired[m][key] for m in others]
+        means = np.array([g["mean"] for g in gaps])
+        spans = np.nan_to_num(np.array([[g["mean"] - g["low"], g["high"] - g["mean"]] for g in gaps]).T)
+        colours = ["grey" if m == "identity" else "C1" if m.startswith("ONLS") else "C0" for m in others]
+        axis.bar(range(len(others)), means, yerr=spans, color=colours, capsize=3)
+        axis.axhline(0.0, color="k", linewidth=0.8)
+        axis.set_xticks(range(len(others)), others, rotation=45, fontsize=7)
+        axis.set_ylabel(f"{label}: ONLS minus method")
+        axis.set_title("per-subject gap, mean and 95% interval (above 0: ONLS better)", fontsize=8)
     axis = figure.add_subplot(3, 2, 5)
     for subject in evaluation.per_subject:
         points = sorted([*zip(subject["sweep"]["ages"], subject["sweep"]["ventricle_ml"], strict=True),
