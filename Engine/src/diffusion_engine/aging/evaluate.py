@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy import ndimage
+from scipy import ndimage, stats
 
 from ..devices import resolve_device
 from ..errors import InputError
@@ -162,9 +162,7 @@ def ventricle_volume(image: np.ndarray, roi: np.ndarray, threshold: float, pixel
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
-    from scipy.stats import spearmanr
-
-    return float(spearmanr(x, y).statistic)
+    return float(stats.spearmanr(x, y).statistic)
 
 
 # ------------------------------------------------------------------------------------------------ running
@@ -282,10 +280,8 @@ def paired_differences(per_subject: list[dict[str, Any]], reference: str, others
     """Per-subject ``reference - other`` of each metric: mean and a 95% t-interval over subjects.
 
     With a few subjects, gaps between methods can be far smaller than the spread between subjects; the interval
-    says whether a gap in the table is more than that (it is None with fewer than two subjects).
+    says whether a gap in the table is more than that (NaN, null in results.json, with fewer than two subjects).
     """
-    from scipy import stats
-
     paired: dict[str, dict[str, dict[str, float]]] = {}
     for other in others:
         paired[other] = {}
@@ -398,8 +394,8 @@ def results_markdown(evaluation: AgingEvaluation, command: str | None = None) ->
     for label, key, digits in ROWS:
         cells = []
         for method in evaluation.methods:
-            stats = summary[method]
-            cells.append(f"{stats[key]:.{digits}f} ± {stats[key + '_std']:.{digits}f}" if key in stats else "-")
+            values = summary[method]
+            cells.append(f"{values[key]:.{digits}f} ± {values[key + '_std']:.{digits}f}" if key in values else "-")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     checks = evaluation.checks
     lines += ["", "Checks:", ""] + [f"- {key}: {value}" for key, value in checks.items()]
