@@ -9,6 +9,7 @@ import json
 import shutil
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -323,6 +324,26 @@ def test_paired_differences_give_the_mean_gap_and_a_t_interval() -> None:
     assert single["mean"] == pytest.approx(0.1) and np.isnan(single["low"])
 
 
+def test_level_choice_gives_the_oracle_ceiling_and_whether_onls_follows_it() -> None:
+    from diffusion_engine.aging.evaluate import level_choice
+
+    def subject(onls_level: float, psnr_at: dict[float, float]) -> dict[str, Any]:
+        fixed = {f"L={level:.1f}": {"psnr": psnr, "L": level} for level, psnr in psnr_at.items()}
+        return {"methods": {**fixed, "ONLS": {"psnr": 0.0, "L": onls_level}}}
+
+    # each subject's best level differs; ONLS's L rises with it in the first cohort, falls in the second
+    curves = [{0.4: 30.0, 0.6: 31.0, 0.8: 29.0}, {0.4: 32.0, 0.6: 30.0, 0.8: 30.0}, {0.4: 28.0, 0.6: 28.5, 0.8: 29.5}]
+    follows = [subject(level, curve) for level, curve in zip((0.55, 0.35, 0.75), curves, strict=True)]
+    opposes = [subject(level, curve) for level, curve in zip((0.55, 0.75, 0.35), curves, strict=True)]
+    fixed = ["L=0.4", "L=0.6", "L=0.8"]
+    choice = level_choice(follows, "ONLS", fixed)
+    assert choice["oracle_fixed_L_psnr"] == pytest.approx((31.0 + 32.0 + 29.5) / 3)
+    assert choice["onls_L_spearman_with_oracle_L"] == pytest.approx(1.0)
+    assert level_choice(opposes, "ONLS", fixed)["onls_L_spearman_with_oracle_L"] == pytest.approx(-1.0)
+    assert level_choice(follows, "ONLS", ["L=0.4"]) == {"oracle_fixed_L_psnr": None,
+                                                        "onls_L_spearman_with_oracle_L": None}
+
+
 def test_cli_aging_sweep_and_evaluate(model: Path, cohort: Path, tmp_path: Path) -> None:
     row = read_manifest(cohort).rows[0]
     out = tmp_path / "cf.nii.gz"
@@ -344,6 +365,8 @@ def test_cli_aging_sweep_and_evaluate(model: Path, cohort: Path, tmp_path: Path)
     assert set(results["summary"]) == {"identity", "L=1.0", "L=0.6", "ONLS"}
     assert results["summary"]["identity"]["ssim"] < 1.0  # the follow-up differs from the baseline
     assert set(results["paired"]) == {"identity", "L=1.0", "L=0.6"}  # ONLS minus each other method
+    assert results["checks"]["oracle_fixed_L_psnr"] == pytest.approx(
+        max(results["summary"][m]["psnr"] for m in ("L=1.0", "L=0.6")))  # one subject: its best fixed L
     markdown = (tmp_path / "eval" / "results.md").read_text()
     assert (tmp_path / "eval" / "figure.png").is_file() and "| SSIM |" in markdown and "| L=0.6 | " in markdown
 

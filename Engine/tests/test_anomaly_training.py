@@ -19,9 +19,10 @@ def test_train_command_writes_a_loadable_bundle(anomaly_cohort: Path, tmp_path: 
     out = tmp_path / "model"
     code = cli.main(["--progress", "none", "train", "anomaly", "--manifest", str(anomaly_cohort), "--out", str(out),
                      "--image-size", "32", "--steps", "3", "--batch-size", "4", "--warmup-steps", "2",
-                     "--checkpoint-every", "2", "--device", "cpu"])
+                     "--checkpoint-every", "2", "--dropout", "0.1", "--device", "cpu"])
     assert code == 0
     bundle = load_bundle(out, kind="anomaly")
+    assert bundle.config["networks"]["eps"]["config"]["dropout"] == 0.1  # the tiny preset has none
     assert bundle.config["training"]["settings"]["warmup_steps"] == 2
     assert bundle.config["training"]["settings"]["checkpoint_every"] == 2
     assert bundle.config["preprocessing"]["modalities"] == ["flair", "t2"]
@@ -47,6 +48,13 @@ def test_training_refuses_a_manifest_without_labels(tmp_path: Path, anomaly_coho
         from diffusion_engine.anomaly.training import train_anomaly_model
 
         train_anomaly_model(stripped, tmp_path / "model")
+
+
+def test_training_refuses_dropout_outside_0_to_1(tmp_path: Path, anomaly_cohort: Path) -> None:
+    from diffusion_engine.anomaly.training import train_anomaly_model
+
+    with pytest.raises(InputError, match=r"dropout 1\.0 must be in"):
+        train_anomaly_model(anomaly_cohort, tmp_path / "model", dropout=1.0)
 
 
 def test_batches_are_class_balanced_and_drop_labels() -> None:

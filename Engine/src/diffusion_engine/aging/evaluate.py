@@ -330,7 +330,25 @@ def _checks(per_subject: list[dict[str, Any]], summary: dict[str, dict[str, floa
     checks["sweep_monotone_with_input_fraction"] = float(np.mean(anchored)) if anchored else None
     checks["sweep_spearman_mean"] = float(np.nanmean(correlations)) if correlations else None
     checks["onls_fired_fraction"] = float(np.mean([s["onls_fired"] for s in per_subject]))
-    return checks
+    same_scale = [m for m in fixed if m.endswith(onls.removeprefix("ONLS"))]
+    return {**checks, **level_choice(per_subject, onls, same_scale)}
+
+
+def level_choice(per_subject: list[dict[str, Any]], onls: str, fixed: Sequence[str]) -> dict[str, float | None]:
+    """How much choosing L per subject could gain here, and whether ONLS's choice follows it.
+
+    The oracle takes each subject's best fixed L by PSNR against the real follow-up (which no method may see): the
+    ceiling of any per-subject rule over these levels. The Spearman correlation of ONLS's L with that best L is
+    near 0 when the variance rule picks L for reasons unrelated to the counterfactual's quality.
+    """
+    if len(fixed) < 2:
+        return {"oracle_fixed_L_psnr": None, "onls_L_spearman_with_oracle_L": None}
+    psnr = np.array([[s["methods"][m]["psnr"] for m in fixed] for s in per_subject])
+    best = psnr.argmax(axis=1)
+    oracle_levels = [s["methods"][fixed[b]]["L"] for s, b in zip(per_subject, best, strict=True)]
+    onls_levels = [s["methods"][onls]["L"] for s in per_subject]
+    correlation = spearman(onls_levels, oracle_levels) if len(per_subject) > 2 else math.nan
+    return {"oracle_fixed_L_psnr": float(psnr.max(axis=1).mean()), "onls_L_spearman_with_oracle_L": correlation}
 
 
 def run_evaluation(bundle: ModelBundle, manifest: str | os.PathLike[str], *, split: str = "test",
@@ -399,6 +417,9 @@ def results_markdown(evaluation: AgingEvaluation, command: str | None = None) ->
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     checks = evaluation.checks
     lines += ["", "Checks:", ""] + [f"- {key}: {value}" for key, value in checks.items()]
+    lines += ["", "oracle_fixed_L_psnr takes each subject's best fixed L by PSNR against its real follow-up, which no "
+              "method may see: the most any per-subject choice of L could reach here. "
+              "onls_L_spearman_with_oracle_L near 0 means ONLS's L does not follow that best L."]
     lines += _paired_markdown(evaluation)
     lines += ["", f"Settings: {info['steps']} DDIM steps ({info.get('precision', 'float32')}), "
               f"zeta {info['zeta']['value']:g} ({info['zeta']['source']}), "

@@ -58,12 +58,14 @@ def balanced_batches(data: SliceSet, batch_size: int, num_timesteps: int, p_unco
 
 def train_anomaly_model(manifest: str | Path, out: str | Path, *, modalities: Sequence[str] = ("flair", "t2"),
                         preset: str = "tiny", image_size: int = 64, p_uncond: float = 0.1,
-                        settings: TrainSettings | None = None, work_dir: str | Path | None = None,
-                        num_timesteps: int = 1000) -> Path:
+                        dropout: float | None = None, settings: TrainSettings | None = None,
+                        work_dir: str | Path | None = None, num_timesteps: int = 1000) -> Path:
     """Train on the manifest's ``train`` split (image-level labels only) and write a model bundle to ``out``."""
     settings = settings or TrainSettings()
     if not 0.0 <= p_uncond < 1.0:
         raise InputError(f"label dropout probability {p_uncond} must be in [0, 1)", fix="use e.g. 0.1")
+    if dropout is not None and not 0.0 <= dropout < 1.0:
+        raise InputError(f"network dropout {dropout} must be in [0, 1)", fix="use e.g. 0.1, or leave it to the preset")
     table = read_manifest(manifest, require=("healthy",), modalities=modalities)
     rows = table.split("train")
     if not rows:
@@ -76,6 +78,8 @@ def train_anomaly_model(manifest: str | Path, out: str | Path, *, modalities: Se
     schedule = linear_schedule(num_timesteps)
     shape = {"image_size": image_size, "in_channels": len(modalities), "out_channels": len(modalities),
              "num_classes": 2}
+    if dropout is not None:  # the paper's network uses 0.1; it slows memorising a small training cohort
+        shape["dropout"] = dropout
     torch.manual_seed(settings.seed)
     network = build_preset(preset, **shape)
     device = torch.device(settings.device)

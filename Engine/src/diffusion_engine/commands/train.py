@@ -40,6 +40,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     anomaly.add_argument("--modalities", default="flair,t2",
                          help=f"comma-separated modality columns to use, among {', '.join(MODALITIES)}")
     anomaly.add_argument("--p-uncond", type=float, default=0.1, help="probability of dropping the label (CFG)")
+    anomaly.add_argument("--dropout", type=float, default=None,
+                         help="dropout in the UNet's residual blocks (default: the preset's; the paper uses 0.1)")
     anomaly.set_defaults(run=run_anomaly)
 
     aging = methods.add_parser("aging", help="ONLS counterfactual aging: epsilon UNet + noisy age regressor",
@@ -104,7 +106,8 @@ def run_anomaly(args: argparse.Namespace) -> dict[str, str]:
 
     modalities = tuple(m.strip() for m in args.modalities.split(",") if m.strip())
     out = train_anomaly_model(args.manifest, args.out, modalities=modalities, preset=args.preset,
-                              image_size=args.image_size, p_uncond=args.p_uncond, settings=_settings(args),
+                              image_size=args.image_size, p_uncond=args.p_uncond, dropout=args.dropout,
+                              settings=_settings(args),
                               work_dir=Path(args.work_dir) if args.work_dir else None)
     record_command(out, args)
     return {"model": str(out)}
