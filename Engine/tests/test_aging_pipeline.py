@@ -295,17 +295,20 @@ def test_table2_checks_cover_the_papers_sweep_only() -> None:
     def method(psnr: float, level: float | None = None) -> dict[str, float]:
         return {"psnr": psnr, "ssim": psnr / 100, "ventricle_error_ml": 1.0, **({"L": level} if level else {})}
 
-    subject = {"sweep": {"ages": []}, "onls_fired": True}
+    def checks_of(summary: dict[str, dict[str, float]]) -> dict[str, Any]:  # one subject scoring the means
+        return _checks([{"sweep": {"ages": []}, "onls_fired": True, "methods": summary}], summary, [30.0])
+
     summary = {"identity": method(30.0), "L=1.0": method(31.0, 1.0), "L=0.4": method(32.0, 0.4),
                "ONLS": method(32.5, 0.3)}
-    checks = _checks([subject], summary, [30.0])
+    checks = checks_of(summary)
     assert checks["onls_psnr_at_least_every_fixed_L_0.4_to_1.0"] and checks["best_fixed_L_psnr"] == "L=0.4"
+    assert checks["oracle_fixed_L_psnr"] == 32.0
     # a level below the paper's sweep is shown beside it, not counted in the Table-2 claim
-    checks = _checks([subject], {**summary, "L=0.3": method(33.0, 0.3)}, [30.0])
+    checks = checks_of({**summary, "L=0.3": method(33.0, 0.3)})
     assert checks["onls_psnr_at_least_every_fixed_L_0.4_to_1.0"] and checks["best_fixed_L_psnr"] == "L=0.3"
-    checks = _checks([subject], {**summary, "L=0.4": method(32.6, 0.4)}, [30.0])
+    checks = checks_of({**summary, "L=0.4": method(32.6, 0.4)})
     assert checks["onls_psnr_at_least_every_fixed_L_0.4_to_1.0"] is False
-    no_levels = _checks([subject], {"identity": summary["identity"], "ONLS": summary["ONLS"]}, [30.0])
+    no_levels = checks_of({"identity": summary["identity"], "ONLS": summary["ONLS"]})
     assert no_levels["onls_psnr_at_least_every_fixed_L_0.4_to_1.0"] is None and no_levels["best_fixed_L_psnr"] is None
 
 
