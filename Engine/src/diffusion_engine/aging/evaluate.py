@@ -417,9 +417,10 @@ def results_markdown(evaluation: AgingEvaluation, command: str | None = None) ->
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     checks = evaluation.checks
     lines += ["", "Checks:", ""] + [f"- {key}: {value}" for key, value in checks.items()]
-    lines += ["", "oracle_fixed_L_psnr takes each subject's best fixed L by PSNR against its real follow-up, which no "
-              "method may see: the most any per-subject choice of L could reach here. "
-              "onls_L_spearman_with_oracle_L near 0 means ONLS's L does not follow that best L."]
+    if checks.get("oracle_fixed_L_psnr") is not None:
+        lines += ["", "oracle_fixed_L_psnr takes each subject's best fixed L by PSNR against its real follow-up, "
+                  "which no method may see: the most any per-subject choice of L could reach here. "
+                  "onls_L_spearman_with_oracle_L near 0 means ONLS's L does not follow that best L."]
     lines += _paired_markdown(evaluation)
     lines += ["", f"Settings: {info['steps']} DDIM steps ({info.get('precision', 'float32')}), "
               f"zeta {info['zeta']['value']:g} ({info['zeta']['source']}), "
