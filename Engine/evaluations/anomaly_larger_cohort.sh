@@ -2,7 +2,7 @@
 # Does a larger training cohort help AnoFPDM? The bundled demo model's recipe (anomaly_demo.sh) with 240 training
 # subjects instead of 60, UNet dropout 0.1 and 4x the optimiser steps; calibrated on the same cohort as the demo
 # model (the full w grid, then w = 30 alone, the demo model's w) and evaluated on the same held-out test cohorts.
-# CPU, about 1.5 hours on 2 cores (training 60 min).
+# CPU, about 1.5 hours on 2 cores (training 60 min, each pair of evaluations 4 min).
 #   bash Engine/evaluations/anomaly_larger_cohort.sh [WORK_DIR]      (default ./anomaly-larger-cohort-work)
 # Results land in Engine/evaluations/anomaly/larger-cohort/. The model is not shipped (see the README there).
 set -euo pipefail
@@ -24,14 +24,23 @@ for difficulty in standard hard; do
         --difficulty "$difficulty" --split 0.08,0.31,0.61 --overwrite
 done
 run diffusion-engine calibrate anomaly --model model --manifest calibration/manifest.csv --device cpu
-rm -rf model-w30 && cp -r model model-w30
-run diffusion-engine calibrate anomaly --model model-w30 --manifest calibration/manifest.csv --device cpu --w-grid 30
+demo="$(python -c 'import diffusion_engine, pathlib; print(pathlib.Path(diffusion_engine.__file__).parent)')/data/models/anomaly-demo"
+# Which w do the slice scores favour (image-level labels only)? Both models, the full w grid.
+run python "$here/anomaly_guidance_diagnostic.py" --manifest calibration/manifest.csv --models "$demo" model \
+    --out "$results/guidance.md"
+# One calibration per fixed w (thr_01 and M_max for it): the demo model's w = 30, and w = 10, where the slice scores
+# of guidance.md peak for both models; the demo model at w = 10 too.
+for pair in "model:30:w30" "model:10:w10" "$demo:10:demo-w10"; do
+    IFS=: read -r source w name <<< "$pair"
+    rm -rf "model-$name" && cp -r "$source" "model-$name"
+    run diffusion-engine calibrate anomaly --model "model-$name" --manifest calibration/manifest.csv --device cpu \
+        --w-grid "$w"
+done
 evaluate() { run env OMP_NUM_THREADS=1 diffusion-engine --progress none evaluate anomaly --split test --val-split val \
-    --device cpu --no-figure "$@"; }
-for model in model model-w30; do
-    suffix=$([ "$model" = model ] && echo calibrated || echo w30)
-    evaluate --model "$model" --manifest test-hard/manifest.csv --out "$results/hard-$suffix" --variants anofpdm &
-    evaluate --model "$model" --manifest test-standard/manifest.csv --out "$results/standard-$suffix" \
-        --variants anofpdm
+    --device cpu --no-figure --variants anofpdm "$@"; }
+for pair in "model:calibrated" "model-w30:w30" "model-w10:w10" "model-demo-w10:demo-w10"; do
+    IFS=: read -r model name <<< "$pair"
+    evaluate --model "$model" --manifest test-hard/manifest.csv --out "$results/hard-$name" &
+    evaluate --model "$model" --manifest test-standard/manifest.csv --out "$results/standard-$name"
     wait
 done
