@@ -25,20 +25,28 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
+from scipy import stats
 
 from diffusion_engine.anomaly.calibrate import DEFAULT_W_GRID, _validation_slices
 from diffusion_engine.anomaly.decision import cosine_similarity
 from diffusion_engine.anomaly.pipeline import AnomalySettings, model_spec, resolve_model, run_forward
+from diffusion_engine.metrics import brain_pixels
 
-BRAIN = -0.95  # slice pixels above this (model range [-1, 1]) count as brain for the map's percentile
 SCORES = ("1 - cos", "M_te", "map q99")
+
+
+def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Probability that a random unhealthy slice scores above a random healthy one (ties count half)."""
+    ranks = stats.rankdata(scores)
+    positives = int(labels.sum())
+    negatives = labels.size - positives
+    return float((ranks[labels == 1].sum() - positives * (positives + 1) / 2) / (positives * negatives))
 
 
 def slice_scores(run, images: np.ndarray) -> dict[str, np.ndarray]:
     """The three slice scores of one ForwardRun (see the module docstring)."""
     maps = run.aggregated.mean(dim=1)
-    brain = torch.from_numpy(images).mean(dim=1) > BRAIN
+    brain = torch.from_numpy(brain_pixels(images))
     q99 = np.array([torch.quantile(m[b], 0.99).item() if b.any() else 0.0 for m, b in zip(maps, brain, strict=True)])
     return {"1 - cos": -cosine_similarity(run.mse_healthy, run.mse_reference).numpy(),
             "M_te": run.peak_divergence.mean(dim=1).numpy(), "map q99": q99}
@@ -54,7 +62,7 @@ def model_table(model: str, manifest: str, grid: list[float]) -> list[str]:
              "| w | " + " | ".join(f"AUROC {name}" for name in SCORES) + " |", "|---:|" + "---:|" * len(SCORES)]
     for w, run in zip(grid, runs, strict=True):
         scores = slice_scores(run, data.images)
-        lines.append(f"| {w:g} | " + " | ".join(f"{roc_auc_score(labels, scores[n]):.3f}" for n in SCORES) + " |")
+        lines.append(f"| {w:g} | " + " | ".join(f"{auroc(labels, scores[n]):.3f}" for n in SCORES) + " |")
     return [*lines, ""]
 
 
