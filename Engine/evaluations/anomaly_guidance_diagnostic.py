@@ -53,7 +53,7 @@ def slice_scores(run, images: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def model_table(model: str, manifest: str, grid: list[float]) -> list[str]:
-    bundle = resolve_model(Path(model), device="cpu")
+    bundle = resolve_model(model, device="cpu")  # "demo" is the bundled model, as for every command
     _, rows, data = _validation_slices(manifest, model_spec(bundle), f"reading {model}")
     runs = run_forward(bundle, data.images, AnomalySettings().validate(), w=grid, task=f"forward passes of {model}")
     labels = data.unhealthy.astype(int)
@@ -69,7 +69,7 @@ def model_table(model: str, manifest: str, grid: list[float]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--manifest", required=True, help="manifest whose 'val' split holds the validation cases")
-    parser.add_argument("--models", nargs="+", required=True, help="anomaly model folders")
+    parser.add_argument("--models", nargs="+", required=True, help="anomaly model folders, or demo")
     parser.add_argument("--out", help="markdown file to write (default: print)")
     args = parser.parse_args(argv)
     lines = ["# AnoFPDM slice scores per guidance strength (validation slices, image-level labels only)", "",

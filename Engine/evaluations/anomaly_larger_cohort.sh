@@ -24,7 +24,7 @@ for difficulty in standard hard; do
         --difficulty "$difficulty" --split 0.08,0.31,0.61 --overwrite
 done
 run diffusion-engine calibrate anomaly --model model --manifest calibration/manifest.csv --device cpu
-demo="$(python -c 'import diffusion_engine, pathlib; print(pathlib.Path(diffusion_engine.__file__).parent)')/data/models/anomaly-demo"
+demo="$(python -c 'from diffusion_engine.anomaly.pipeline import DEMO_MODEL; print(DEMO_MODEL)')"
 # Which w do the slice scores favour (image-level labels only)? Both models, the full w grid.
 run python "$here/anomaly_guidance_diagnostic.py" --manifest calibration/manifest.csv --models "$demo" model \
     --out "$results/guidance.md"

@@ -62,10 +62,10 @@ def train_anomaly_model(manifest: str | Path, out: str | Path, *, modalities: Se
                         work_dir: str | Path | None = None, num_timesteps: int = 1000) -> Path:
     """Train on the manifest's ``train`` split (image-level labels only) and write a model bundle to ``out``."""
     settings = settings or TrainSettings()
-    if not 0.0 <= p_uncond < 1.0:
-        raise InputError(f"label dropout probability {p_uncond} must be in [0, 1)", fix="use e.g. 0.1")
-    if dropout is not None and not 0.0 <= dropout < 1.0:
-        raise InputError(f"network dropout {dropout} must be in [0, 1)", fix="use e.g. 0.1, or leave it to the preset")
+    for what, value, fix in (("label dropout probability", p_uncond, "use e.g. 0.1"),
+                             ("network dropout", dropout, "use e.g. 0.1, or leave it to the preset")):
+        if value is not None and not 0.0 <= value < 1.0:
+            raise InputError(f"{what} {value} must be in [0, 1)", fix=fix)
     table = read_manifest(manifest, require=("healthy",), modalities=modalities)
     rows = table.split("train")
     if not rows:
