@@ -62,7 +62,7 @@ class AnomalyOptions:
     guidance: float | None = None  # guidance strength w
     noise_scale: int | None = None  # fixed t_e instead of each slice's own
     threshold: float | None = None  # fixed threshold on the anomaly map instead of the adaptive one
-    thr_01: float | None = None  # healthy/unhealthy decision threshold on the similarity score
+    thr_01: float | None = None  # healthy/unhealthy decision threshold on the model's decision score
     extra_args: tuple[str, ...] = ()  # further `diffusion-engine anomaly` options, for researchers
 
     def validate(self) -> AnomalyOptions:
@@ -193,6 +193,7 @@ class AnomalyLogic:
             ("t_e", [", ".join(str(t) for t in row["t_e"]) for row in rows]),
             ("Q*", [row["threshold"] for row in rows]),
             ("similarity (cos)", [row["cosine"] for row in rows]),
+            ("peak divergence (M_te)", [sum(row["m_te"]) / len(row["m_te"]) for row in rows]),
             ("lesion voxels", [row["lesion_voxels"] for row in rows]),
             ("lesion mL", [row["lesion_voxels"] * voxel_ml for row in rows]),
         ])

@@ -18,6 +18,8 @@ from diffusion_engine.anomaly import (
     calibrate_thr_01,
     classification_accuracy,
     cosine_similarity,
+    decide,
+    decision_values,
     forward_statistics,
     is_unhealthy,
     median_filter,
@@ -458,6 +460,19 @@ def test_cosine_decision_rule():
         is_unhealthy(cos, 1.5)
 
 
+def test_peak_divergence_decision_rule():
+    cos = torch.tensor([0.99, 0.2, 0.5])
+    m_te = torch.tensor([[0.1, 0.3], [0.0, 0.0], [0.4, 0.4]])  # per modality: the mean is thresholded
+    np.testing.assert_allclose(decision_values("peak-divergence", cos, m_te).numpy(), [0.2, 0.0, 0.4])
+    assert decide("peak-divergence", 0.2, cos, m_te).tolist() == [True, False, True]  # M_te == thr_01 -> unhealthy
+    assert decide("cosine", 0.5, cos, m_te).tolist() == [False, True, True]  # the paper's rule, same values
+    assert is_unhealthy(torch.tensor([3.0]), 2.5, "peak-divergence").tolist() == [True]  # M_te may exceed 1
+    with pytest.raises(InputError, match="M_te"):
+        decide("peak-divergence", -0.1, cos, m_te)
+    with pytest.raises(InputError, match="decision score"):
+        decide("sine", 0.5, cos, m_te)
+
+
 # -- calibration -------------------------------------------------------------------------------------------------
 
 
@@ -485,6 +500,20 @@ def test_calibrate_thr_01_against_brute_force():
     assert classification_accuracy(cos[order], labels[order], value) == pytest.approx(record["accuracy"])
     json.dumps(record)
 
+
+def test_calibrate_thr_01_for_the_peak_divergence_mirrors_the_cosine():
+    # M_te = 1 - cos turns "cos <= thr" into "M_te >= 1 - thr": the same slices, the same errors, the mirrored value
+    rng = np.random.default_rng(1)
+    cos = np.r_[1 - rng.gamma(2.0, 0.01, 200), 1 - rng.gamma(2.0, 0.05, 80)]
+    labels = np.r_[np.zeros(200, int), np.ones(80, int)]
+    value, record = calibrate_thr_01(1 - cos, labels, "peak-divergence")
+    want, errors = brute_force_thr_01(cos[:200], cos[200:])
+    assert value == pytest.approx(1 - want, rel=1e-9) and record["misclassified"] == errors
+    assert record["score"] == "peak-divergence" and record["rule"].startswith("unhealthy when M_te")
+    assert classification_accuracy(1 - cos, labels, value, "peak-divergence") == pytest.approx(record["accuracy"])
+    # ties go to the fewest false alarms: the highest quantile of the healthy values
+    value, record = calibrate_thr_01([0.0, 0.1, 0.2, 5.0], [0, 0, 0, 1], "peak-divergence")
+    assert record["quantile"] == pytest.approx(0.995) and record["misclassified"] == 1  # healthy 0.2 is above all
 
 def test_calibrate_thr_01_ties_and_missing_classes():
     # unhealthy far below every candidate: every candidate misclassifies exactly the healthy slices at or below it;

@@ -23,7 +23,7 @@ from diffusion_engine import cli
 from diffusion_engine.anomaly import pipeline
 from diffusion_engine.anomaly.calibrate import DEFAULT_W_GRID
 from diffusion_engine.anomaly.calibration import calibrate_thr_01
-from diffusion_engine.anomaly.decision import cosine_similarity
+from diffusion_engine.anomaly.decision import cosine_similarity, decision_values
 from diffusion_engine.anomaly.forward import forward_statistics
 from diffusion_engine.anomaly.pipeline import (
     AnomalySettings,
@@ -359,8 +359,14 @@ def test_calibrate_then_segment_with_the_calibration(anomaly_model: Path, anomal
     loaded = resolve_model(model)
     assert record["slices"] == len(data) and record["unhealthy_slices"] == int(data.unhealthy.sum())
     stats = by_hand(loaded, data.images, calibration["w"], SHORT)
-    thr_01, _ = calibrate_thr_01(cosine_similarity(stats.mse_healthy, stats.mse_reference), data.unhealthy)
+    score = calibration["decision_score"]
+    values = decision_values(score, cosine_similarity(stats.mse_healthy, stats.mse_reference), stats.peak_divergence)
+    thr_01, _ = calibrate_thr_01(values, data.unhealthy, score)
     assert calibration["thr_01"] == pytest.approx(thr_01, rel=1e-6)
+    # auto keeps the cosine unless the peak divergence is more accurate; the other score's choice is recorded
+    accuracy = record["decision"]["accuracy_at_chosen_w"]
+    assert score == ("peak-divergence" if accuracy["peak-divergence"] > accuracy["cosine"] else "cosine")
+    assert record["other_score"]["score"] != score and len(record["other_score"]["per_w"]) == 2
     unhealthy_peaks = stats.peak_divergence.numpy()[data.unhealthy == 1]
     np.testing.assert_allclose(calibration["m_max"], unhealthy_peaks.max(axis=0), rtol=1e-5)
 
@@ -373,6 +379,18 @@ def test_calibrate_then_segment_with_the_calibration(anomaly_model: Path, anomal
     monkeypatch.setattr(pipeline, "warn", warnings.append)
     segment_anomalies(model, case, AnomalySettings(t_max=50, stride=50, device="cpu"))
     assert len(warnings) == 1 and "stride 50 (calibrated with 25)" in warnings[0]
+
+    # a decision score can be forced; the calibrated thr_01 is not used for another score
+    other = "cosine" if score == "peak-divergence" else "peak-divergence"
+    with pytest.raises(InputError, match=f"calibrated for the {score} decision"):
+        segment_anomalies(model, case, AnomalySettings(**SHORT, decision_score=other, device="cpu"))
+    assert cli.main(["--progress", "none", "calibrate", "anomaly", "--model", str(model), "--manifest", str(manifest),
+                     "--w-grid", "0,2", "--t-max", "50", "--stride", "25", "--device", "cpu",
+                     "--decision", other]) == 0
+    calibration = read_bundle_config(model)["calibration"]
+    assert calibration["decision_score"] == other and calibration["record"]["decision"]["method"] == "given"
+    result = segment_anomalies(model, case, AnomalySettings(**SHORT, device="cpu"))
+    assert result.report["values"]["decision_score"] == {"value": other, "source": "calibration"}
 
 
 # ------------------------------------------------------------------------------------------ bad input

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from diffusion_engine import cli
 from diffusion_engine.anomaly.training import balanced_batches, cfg_loss
@@ -19,7 +20,7 @@ def test_train_command_writes_a_loadable_bundle(anomaly_cohort: Path, tmp_path: 
     out = tmp_path / "model"
     code = cli.main(["--progress", "none", "train", "anomaly", "--manifest", str(anomaly_cohort), "--out", str(out),
                      "--image-size", "32", "--steps", "3", "--batch-size", "4", "--warmup-steps", "2",
-                     "--checkpoint-every", "2", "--dropout", "0.1", "--device", "cpu"])
+                     "--checkpoint-every", "2", "--dropout", "0.1", "--half", "--device", "cpu"])
     assert code == 0
     bundle = load_bundle(out, kind="anomaly")
     assert bundle.config["networks"]["eps"]["config"]["dropout"] == 0.1  # the tiny preset has none
@@ -30,6 +31,8 @@ def test_train_command_writes_a_loadable_bundle(anomaly_cohort: Path, tmp_path: 
     assert bundle.config["schedule"]["num_timesteps"] == 1000
     assert bundle.config["training"]["command"].startswith("diffusion-engine --progress none train anomaly --manifest")
     assert bundle.config["training"]["unhealthy_slices"] > 0
+    assert bundle.config["training"]["weights_dtype"] == "float16"
+    assert all(t.dtype == torch.float16 for t in load_file(str(out / "eps.safetensors")).values())  # half the size
     net = bundle.networks["eps"]
     x = torch.zeros(2, 2, 32, 32)
     assert net(x, torch.tensor([5, 5]), torch.tensor([0, -1])).shape == x.shape

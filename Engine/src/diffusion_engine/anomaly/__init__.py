@@ -12,6 +12,7 @@ Spec step -> function
 - 5x5 median filter                                      -> threshold.median_filter
 - mask = H >= Q*, drop components of <= 40 pixels        -> threshold.segment, threshold.remove_small_components
 - healthy/unhealthy: cos(MSE^h, MSE^u) <= thr_01          -> decision.cosine_similarity, decision.is_unhealthy
+  (or this engine's M_te >= thr_01)                      -> decision.decision_values, decision.decide
 - "mixed" setting: healthy slices get empty masks         -> decision.mixed_setting_masks
 - thr_01 calibration (image-level labels)                 -> calibration.calibrate_thr_01
 - M_max calibration                                       -> calibration.calibrate_m_max
@@ -26,7 +27,7 @@ returns the wrong shape or non-finite values raises ModelError.
 from __future__ import annotations
 
 from .calibration import calibrate_m_max, calibrate_thr_01, classification_accuracy, select_guidance
-from .decision import cosine_similarity, is_unhealthy, mixed_setting_masks
+from .decision import DECISION_SCORES, cosine_similarity, decide, decision_values, is_unhealthy, mixed_setting_masks
 from .forward import NULL_LABEL, ForwardStatistics, forward_statistics
 from .threshold import (
     Segmentation,
@@ -39,6 +40,7 @@ from .threshold import (
 )
 
 __all__ = [
+    "DECISION_SCORES",
     "NULL_LABEL",
     "ForwardStatistics",
     "Segmentation",
@@ -46,6 +48,8 @@ __all__ = [
     "calibrate_thr_01",
     "classification_accuracy",
     "cosine_similarity",
+    "decide",
+    "decision_values",
     "forward_statistics",
     "is_unhealthy",
     "median_filter",

@@ -1,12 +1,14 @@
 """Calibrating an anomaly model on validation slices with image-level labels only (paper sec. 4.2 and Algorithm 1).
 
-For every candidate guidance strength w, one forward pass over the manifest's 'val' slices gives each slice's cosine
-cos(MSE^h, MSE^u); thr_01 is calibrated per w and its accuracy recorded. The chosen w is the largest whose accuracy
-is within 99% of the best (calibration.select_guidance); thr_01 and M_max (the largest M_te over the unhealthy
-slices) are those of the chosen w. Lesion masks, when the manifest has them, only label each slice (any lesion
-voxel = unhealthy), exactly as in training. The values and a record of how they were obtained go into the model's
-model.json ``calibration`` section, together with the forward settings they hold for (t_max, stride, encoding,
-early stop).
+For every candidate guidance strength w, one forward pass over the manifest's 'val' slices gives each slice's
+decision values: the paper's cosine cos(MSE^h, MSE^u) and the peak divergence M_te (decision.py). For each decision
+score, thr_01 is calibrated per w and its accuracy recorded, and the paper's rule picks w: the largest whose
+accuracy is within 99% of the best (calibration.select_guidance). ``decision="auto"`` (the default) keeps the
+paper's cosine unless the peak divergence classifies the validation slices more accurately; either score can be
+forced. thr_01 and M_max (the largest M_te over the unhealthy slices) are those of the chosen w. Lesion masks, when
+the manifest has them, only label each slice (any lesion voxel = unhealthy), exactly as in training. The values and
+a record of how they were obtained go into the model's model.json ``calibration`` section, together with the
+forward settings they hold for (t_max, stride, encoding, early stop).
 
 The default grid covers both published choices (BraTS w = 2, ATLAS w = 30; the paper gives no grid). With DDIM
 encoding all candidates share one network pass (pipeline.GuidanceSweep), so the grid costs about one pass.
@@ -25,9 +27,11 @@ import numpy as np
 
 from .. import __version__
 from ..errors import InputError
+from .decision import DECISION_SCORES, cosine_similarity, decision_values
 from .pipeline import CALIBRATION_METHOD, CALIBRATION_VERSION, AnomalySettings, model_spec, resolve_model, run_forward
 
 DEFAULT_W_GRID = (0.0, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0)
+DECISIONS = ("auto", *DECISION_SCORES)
 SPLIT = "val"
 
 
@@ -60,20 +64,53 @@ def _check_grid(w_grid: Sequence[float]) -> list[float]:
     return values
 
 
+def _calibrate_score(score: str, runs: list, grid: list[float], labels: np.ndarray) -> dict:
+    """thr_01 per w and the paper's choice of w for one decision score."""
+    from .calibration import calibrate_thr_01, select_guidance
+
+    per_w, thresholds = [], {}
+    for w, run in zip(grid, runs, strict=True):
+        values = decision_values(score, cosine_similarity(run.mse_healthy, run.mse_reference), run.peak_divergence)
+        thresholds[w] = calibrate_thr_01(values, labels, score)
+        per_w.append({"w": w, "thr_01": thresholds[w][0], "accuracy": thresholds[w][1]["accuracy"],
+                      "misclassified": thresholds[w][1]["misclassified"]})
+    w, guidance = select_guidance({entry["w"]: entry["accuracy"] for entry in per_w})
+    return {"score": score, "w": w, "thr_01": thresholds[w], "guidance": guidance, "per_w": per_w}
+
+
+def _choose_decision(by_score: dict[str, dict], decision: str) -> tuple[dict, dict]:
+    """The decision score to keep, and a record of why: the paper's cosine unless the peak divergence is more
+    accurate on validation (at each score's chosen w), or the one the user forced."""
+    accuracy = {score: result["thr_01"][1]["accuracy"] for score, result in by_score.items()}
+    if decision != "auto":
+        chosen, method = decision, "given"
+    else:
+        chosen = max(DECISION_SCORES, key=lambda score: (accuracy[score], score == "cosine"))
+        method = ("auto: the paper's cosine unless the peak divergence classifies the validation slices more "
+                  "accurately, each at its own chosen w")
+    return by_score[chosen], {"score": chosen, "method": method, "accuracy_at_chosen_w": accuracy}
+
+
 def calibrate_model(model_path: str | os.PathLike[str], manifest: str | os.PathLike[str], *,
-                    w_grid: Sequence[float] = DEFAULT_W_GRID, settings: AnomalySettings | None = None) -> dict:
-    """Calibrate w, thr_01 and M_max of the model at ``model_path`` on the manifest's val split; write them into
-    its model.json and return the calibration section.
+                    w_grid: Sequence[float] = DEFAULT_W_GRID, settings: AnomalySettings | None = None,
+                    decision: str = "auto") -> dict:
+    """Calibrate the decision score, w, thr_01 and M_max of the model at ``model_path`` on the manifest's val split;
+    write them into its model.json and return the calibration section.
+
+    ``decision``: "auto" (the paper's cosine unless the peak divergence is more accurate on validation), "cosine"
+    or "peak-divergence".
 
     ``settings`` supplies the forward settings the values are calibrated for (t_max, stride, encoding, early_stop)
     and how to run (chunk_size, device, seed); its thresholds and overrides are not used.
     """
     from ..nets.bundle import update_bundle_config
-    from .calibration import calibrate_m_max, calibrate_thr_01, select_guidance
+    from .calibration import calibrate_m_max
 
     started = time.perf_counter()
+    if decision not in DECISIONS:
+        raise InputError(f"unknown decision {decision!r}", fix=f"use one of {', '.join(DECISIONS)}")
     settings = replace(settings or AnomalySettings(), w=None, thr_01=None, m_max=None, noise_scale=None,
-                       threshold=None, quantile=None).validate()
+                       threshold=None, quantile=None, decision_score=None).validate()
     grid = _check_grid(w_grid)
     bundle = resolve_model(Path(model_path), device=settings.device)
     spec = model_spec(bundle)
@@ -84,24 +121,16 @@ def calibrate_model(model_path: str | os.PathLike[str], manifest: str | os.PathL
         raise InputError(f"all {len(labels)} validation slices are {kind}", path=table.path,
                          fix="put both healthy subjects and subjects with lesions in the val split")
     runs = run_forward(bundle, data.images, settings, w=grid, task="calibrating")
-
-    from .decision import cosine_similarity
-
-    per_w, accuracy, thresholds = [], {}, {}
-    for w, run in zip(grid, runs, strict=True):
-        cosines = cosine_similarity(run.mse_healthy, run.mse_reference)
-        thr_01, record = calibrate_thr_01(cosines, labels)
-        thresholds[w], accuracy[w] = (thr_01, record), record["accuracy"]
-        per_w.append({"w": w, "thr_01": thr_01, "accuracy": record["accuracy"],
-                      "misclassified": record["misclassified"]})
-    w, guidance_record = select_guidance(accuracy)
-    chosen = runs[grid.index(w)]
-    thr_01, thr_record = thresholds[w]
-    m_max, m_max_record = calibrate_m_max(chosen.peak_divergence, labels)
+    by_score = {score: _calibrate_score(score, runs, grid, labels) for score in DECISION_SCORES}
+    kept, decision_record = _choose_decision(by_score, decision)
+    other = next(result for score, result in by_score.items() if score != kept["score"])
+    w, (thr_01, thr_record) = kept["w"], kept["thr_01"]
+    m_max, m_max_record = calibrate_m_max(runs[grid.index(w)].peak_divergence, labels)
     t_max = settings.resolved_t_max(bundle.schedule().num_timesteps)
     calibration = {
         "method": CALIBRATION_METHOD,
         "version": CALIBRATION_VERSION,
+        "decision_score": kept["score"],
         "w": w,
         "thr_01": thr_01,
         "m_max": m_max,
@@ -119,8 +148,10 @@ def calibrate_model(model_path: str | os.PathLike[str], manifest: str | os.PathL
             "labels": "image-level: a slice is unhealthy if its subject is not healthy and (with a mask) it holds "
                       "a lesion voxel; pixel masks are used for nothing else",
             "w_grid": grid,
-            "per_w": per_w,
-            "guidance": guidance_record,
+            "decision": decision_record,
+            "per_w": kept["per_w"],
+            "guidance": kept["guidance"],
+            "other_score": {key: other[key] for key in ("score", "w", "per_w")},
             "thr_01": thr_record,
             "m_max": m_max_record,
             "network_evaluations": int(sum(run.network_evaluations for run in runs)),

@@ -5,9 +5,11 @@ a JSON-able record of how it was obtained, for the model bundle and the report.
 - thr_01 (code): candidates are the quantiles 0.005 .. 0.095 (100 evenly spaced) of the healthy slices' cosines;
   the candidate with the fewest misclassifications under the decision rule (unhealthy when cos <= thr_01) wins,
   the lowest quantile on ties (the code keeps the first strict minimum). The code counts a healthy slice as wrong
-  when cos < thr_01; here the count follows the rule actually applied (cos <= thr_01).
+  when cos < thr_01; here the count follows the rule actually applied (cos <= thr_01). For the peak-divergence
+  score (unhealthy when M_te >= thr_01) the mirror image: quantiles 0.995 .. 0.905 of the healthy M_te, so that
+  either rule calls at most about 9.5% of healthy validation slices unhealthy; ties go to the fewest false alarms.
 - M_max (paper, Algorithm 1): the largest M_te over the unhealthy validation slices, per modality.
-- Guidance strength (paper sec. 4.2): from the validation accuracy of the cosine rule at each candidate w
+- Guidance strength (paper sec. 4.2): from the validation accuracy of the decision rule at each candidate w
   (each with its own calibrated thr_01), the largest w whose accuracy is at least 99% of the best accuracy.
 """
 
@@ -19,7 +21,7 @@ import torch
 
 from ..errors import InputError
 from ._checks import check_finite, check_labels, check_real
-from .decision import is_unhealthy
+from .decision import RULES, check_score, is_unhealthy
 
 THR01_QUANTILE_LOW = 0.005
 THR01_QUANTILE_HIGH = 0.095
@@ -28,46 +30,53 @@ GUIDANCE_TOLERANCE = 0.99
 _RELATIVE_SLACK = 1e-12  # "within 99%" must not hinge on the last bit of 0.99 * best
 
 
-def _cosines_and_labels(cosines: torch.Tensor | Sequence[float], labels: torch.Tensor | Sequence[int]):
-    cosines = torch.as_tensor(cosines, dtype=torch.float64).cpu()
-    if cosines.ndim != 1:
-        raise ValueError(f"cosines must be 1-D (one per validation slice), got shape {list(cosines.shape)}")
-    check_finite("cosine similarities", cosines)
-    labels = check_labels(torch.as_tensor(labels).cpu(), cosines.shape[0])
-    healthy, unhealthy = cosines[labels == 0], cosines[labels == 1]
+def _values_and_labels(values: torch.Tensor | Sequence[float], labels: torch.Tensor | Sequence[int]):
+    values = torch.as_tensor(values, dtype=torch.float64).cpu()
+    if values.ndim != 1:
+        raise ValueError(f"decision values must be 1-D (one per validation slice), got shape {list(values.shape)}")
+    check_finite("decision values", values)
+    labels = check_labels(torch.as_tensor(labels).cpu(), values.shape[0])
+    healthy, unhealthy = values[labels == 0], values[labels == 1]
     if healthy.numel() == 0 or unhealthy.numel() == 0:
         raise InputError(f"thr_01 needs healthy and unhealthy validation slices, got {healthy.numel()} healthy and "
                          f"{unhealthy.numel()} unhealthy", fix="add validation slices of both kinds")
-    return cosines, labels, healthy, unhealthy
+    return values, labels, healthy, unhealthy
 
 
-def classification_accuracy(cosines: torch.Tensor | Sequence[float], labels: torch.Tensor | Sequence[int],
-                            thr_01: float) -> float:
-    """Fraction of slices whose decision (unhealthy when cos <= thr_01) matches the image-level label."""
-    cosines, labels, _, _ = _cosines_and_labels(cosines, labels)
-    return float((is_unhealthy(cosines, thr_01) == labels.bool()).double().mean())
+def classification_accuracy(values: torch.Tensor | Sequence[float], labels: torch.Tensor | Sequence[int],
+                            thr_01: float, score: str = "cosine") -> float:
+    """Fraction of slices whose decision (``score``'s rule with thr_01) matches the image-level label."""
+    values, labels, _, _ = _values_and_labels(values, labels)
+    return float((is_unhealthy(values, thr_01, score) == labels.bool()).double().mean())
 
 
-def calibrate_thr_01(cosines: torch.Tensor | Sequence[float],
-                     labels: torch.Tensor | Sequence[int]) -> tuple[float, dict]:
-    """thr_01 from the validation cosines (one per slice) and image-level labels."""
-    cosines, labels, healthy, unhealthy = _cosines_and_labels(cosines, labels)
+def calibrate_thr_01(values: torch.Tensor | Sequence[float], labels: torch.Tensor | Sequence[int],
+                     score: str = "cosine") -> tuple[float, dict]:
+    """thr_01 from the validation slices' decision values (cosines, or M_te; one per slice) and image-level labels."""
+    values, labels, healthy, unhealthy = _values_and_labels(values, labels)
     levels = torch.linspace(THR01_QUANTILE_LOW, THR01_QUANTILE_HIGH, THR01_CANDIDATES, dtype=torch.float64)
-    candidates = torch.quantile(healthy, levels)
-    missed = (unhealthy[None, :] > candidates[:, None]).sum(dim=1)  # unhealthy slices called healthy
-    false_alarms = (healthy[None, :] <= candidates[:, None]).sum(dim=1)  # healthy slices called unhealthy
+    if check_score(score) == "cosine":  # unhealthy when value <= candidate
+        candidates = torch.quantile(healthy, levels)
+        missed = (unhealthy[None, :] > candidates[:, None]).sum(dim=1)
+        false_alarms = (healthy[None, :] <= candidates[:, None]).sum(dim=1)
+    else:  # unhealthy when value >= candidate; the mirrored quantiles
+        levels = 1.0 - levels
+        candidates = torch.quantile(healthy, levels)
+        missed = (unhealthy[None, :] < candidates[:, None]).sum(dim=1)
+        false_alarms = (healthy[None, :] >= candidates[:, None]).sum(dim=1)
     errors = missed + false_alarms
-    best = int(torch.argmin(errors))  # first minimum: the lowest quantile on ties
+    best = int(torch.argmin(errors))  # first minimum: the fewest false alarms on ties
     value = float(candidates[best])
     record = {
         "parameter": "thr_01",
-        "rule": "unhealthy when cos(MSE^h, MSE^u) <= thr_01",
-        "method": f"quantiles {THR01_QUANTILE_LOW}..{THR01_QUANTILE_HIGH} ({THR01_CANDIDATES} candidates) of the "
-                  "healthy cosines; fewest misclassified validation slices, lowest quantile on ties",
+        "score": score,
+        "rule": RULES[score],
+        "method": f"quantiles {float(levels[0]):g}..{float(levels[-1]):g} ({THR01_CANDIDATES} candidates) of the "
+                  "healthy slices' values; fewest misclassified validation slices, fewest false alarms on ties",
         "value": value,
         "quantile": float(levels[best]),
         "misclassified": int(errors[best]),
-        "accuracy": 1.0 - int(errors[best]) / cosines.shape[0],
+        "accuracy": 1.0 - int(errors[best]) / values.shape[0],
         "n_healthy": int(healthy.numel()),
         "n_unhealthy": int(unhealthy.numel()),
         "errors_per_candidate": [int(e) for e in errors],
@@ -119,7 +128,7 @@ def select_guidance(accuracy_by_w: Mapping[float, float], *,
     chosen = max(w for w, accuracy in table.items() if accuracy >= floor)
     record = {
         "parameter": "w",
-        "method": f"largest w whose cosine-rule accuracy on validation is >= {tolerance:g} x the best accuracy",
+        "method": f"largest w whose decision accuracy on validation is >= {tolerance:g} x the best accuracy",
         "value": chosen,
         "best_accuracy": best,
         "best_w": min(w for w, accuracy in table.items() if accuracy == best),

@@ -1,18 +1,27 @@
-"""Healthy/unhealthy decision per slice (paper sec. 4.2, eq. 18).
+"""Healthy/unhealthy decision per slice: one slice score against a threshold thr_01.
 
-cos = <MSE^h, MSE^u> / (||MSE^h|| ||MSE^u||) between the sequences over t of the guided and the reference
-prediction errors; a slice is unhealthy when cos <= thr_01 (ties count as unhealthy). With several modalities
-the curves are first averaged over modalities, as the code does (its MSE is taken over all used channels).
-
-Degenerate sequences: two all-zero sequences are identical (cos = 1, no evidence of a lesion); one all-zero
-sequence against a non-zero one is orthogonal to it (cos = 0).
+- "cosine" (the paper, sec. 4.2, eq. 18): cos = <MSE^h, MSE^u> / (||MSE^h|| ||MSE^u||) between the sequences over t
+  of the guided and the reference prediction errors; unhealthy when cos <= thr_01 (ties count as unhealthy). With
+  several modalities the curves are first averaged over modalities, as the code does (its MSE is taken over all
+  used channels). Degenerate sequences: two all-zero sequences are identical (cos = 1, no evidence of a lesion);
+  one all-zero sequence against a non-zero one is orthogonal to it (cos = 0).
+- "peak-divergence" (this engine's alternative): M_te = max_t M_t, the peak divergence between the healthy-guided
+  and the reference prediction that Algorithm 1 already uses, averaged over modalities; unhealthy when
+  M_te >= thr_01. It ranks slices by how much the healthy condition changes the prediction, which is what the
+  guidance does to a lesion; where the cosine decision sits at the all-healthy rate (small models, few lesion
+  slices) it still separates slices. `calibrate anomaly` picks between the two on validation accuracy.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..errors import InputError
 from ._checks import check_finite, check_real
+
+DECISION_SCORES = ("cosine", "peak-divergence")
+RULES = {"cosine": "unhealthy when cos(MSE^h, MSE^u) <= thr_01",
+         "peak-divergence": "unhealthy when M_te (max_t M_t, mean over modalities) >= thr_01"}
 
 
 def cosine_similarity(mse_healthy: torch.Tensor, mse_reference: torch.Tensor) -> torch.Tensor:
@@ -33,10 +42,37 @@ def cosine_similarity(mse_healthy: torch.Tensor, mse_reference: torch.Tensor) ->
     return torch.where(both_zero, torch.ones_like(cosine), cosine)
 
 
-def is_unhealthy(cosine: torch.Tensor, thr_01: float) -> torch.Tensor:
-    """The decision rule: unhealthy when cos <= thr_01 ([B] bool)."""
-    thr_01 = check_real("thr_01", thr_01, low=-1.0, high=1.0)
-    return check_finite("cosine similarities", torch.as_tensor(cosine, dtype=torch.float64)) <= thr_01
+def check_score(score: str) -> str:
+    if score not in DECISION_SCORES:
+        raise InputError(f"unknown decision score {score!r}", fix=f"use one of {', '.join(DECISION_SCORES)}")
+    return score
+
+
+def decision_values(score: str, cosine: torch.Tensor, peak_divergence: torch.Tensor) -> torch.Tensor:
+    """The [B] float64 values thr_01 applies to: the cosines [B], or M_te [B] / [B, M] averaged over modalities."""
+    if check_score(score) == "cosine":
+        return torch.as_tensor(cosine, dtype=torch.float64)
+    m_te = torch.as_tensor(peak_divergence, dtype=torch.float64)
+    return m_te.mean(dim=1) if m_te.ndim == 2 else m_te
+
+
+def check_threshold(score: str, thr_01: object) -> float:
+    """thr_01 in the range of ``score``'s values: a cosine in [-1, 1], an M_te >= 0."""
+    if check_score(score) == "cosine":
+        return check_real("thr_01 (a cosine)", thr_01, low=-1.0, high=1.0)
+    return check_real("thr_01 (a peak divergence M_te)", thr_01, low=0.0)
+
+
+def is_unhealthy(values: torch.Tensor, thr_01: float, score: str = "cosine") -> torch.Tensor:
+    """The decision rule of ``score`` ([B] bool): cos <= thr_01, or M_te >= thr_01."""
+    thr_01 = check_threshold(score, thr_01)
+    values = check_finite("decision values", torch.as_tensor(values, dtype=torch.float64))
+    return values <= thr_01 if score == "cosine" else values >= thr_01
+
+
+def decide(score: str, thr_01: float, cosine: torch.Tensor, peak_divergence: torch.Tensor) -> torch.Tensor:
+    """Unhealthy slices ([B] bool) from a forward pass's cosines and M_te under the decision ``score``."""
+    return is_unhealthy(decision_values(score, cosine, peak_divergence), thr_01, score)
 
 
 def mixed_setting_masks(masks: torch.Tensor, unhealthy: torch.Tensor) -> torch.Tensor:

@@ -20,8 +20,9 @@ post-processing (last_sam, fixed_threshold) reuse the forward pass of anofpdm; t
                      labels, same reasoning
 
 AnoFPDM runs with the decision switched off (so that every mask is kept for the "unhealthy" setting) and the
-decision (``decision.is_unhealthy`` with the model's thr_01, ``decision.mixed_setting_masks``) is applied to the
-same run for the "mixed" setting: exactly what segment_slices returns with the decision on, from one pass.
+decision (``decision.decide`` with the model's decision score and thr_01, ``decision.mixed_setting_masks``) is
+applied to the same run for the "mixed" setting: exactly what segment_slices returns with the decision on, from one
+pass.
 
 The baselines (``anomaly.baselines``) choose their threshold on the validation split WITH its lesion masks;
 AnoFPDM uses no pixel label anywhere (its calibration uses image-level labels only). The table says which is
@@ -200,7 +201,7 @@ def _run_anofpdm(bundle: ModelBundle, data: SliceSet, base: AnomalySettings, var
                  split: str, extra: dict[str, Any], cache: dict[tuple, tuple[Any, float]]) -> MethodRun:
     import torch
 
-    from .decision import is_unhealthy, mixed_setting_masks
+    from .decision import decide, mixed_setting_masks
     from .pipeline import model_spec, resolve_values, segment_from_forward
 
     changes = {**dict(variant.changes), **extra}
@@ -214,7 +215,8 @@ def _run_anofpdm(bundle: ModelBundle, data: SliceSet, base: AnomalySettings, var
     if thr_01 is None:
         raise ModelError("the model has no calibrated thr_01, which the mixed setting needs", path=bundle.path,
                          fix="calibrate it with `diffusion-engine calibrate anomaly` or pass --thr-01")
-    decided = is_unhealthy(torch.from_numpy(results.cosine), float(thr_01)).numpy()
+    decided = decide(results.values["decision_score"]["value"], float(thr_01), torch.from_numpy(results.cosine),
+                     torch.from_numpy(results.m_te)).numpy()
     all_masks = results.mask.astype(bool)
     mixed = mixed_setting_masks(torch.from_numpy(all_masks), torch.from_numpy(decided)).numpy()
     parameters = {"settings_changed": changes, "values": results.values, "timesteps": results.timesteps,
@@ -366,7 +368,8 @@ def _info(bundle: ModelBundle, spec: ModelSpec, manifest: str | os.PathLike[str]
         "model": {"path": str(bundle.path), "modalities": list(spec.modalities),
                   "scored_modalities": [spec.modalities[i] for i in spec.scored],
                   "image_size": list(spec.image_size),
-                  "calibration": {k: calibration[k] for k in ("w", "thr_01", "m_max", "settings") if k in calibration}},
+                  "calibration": {k: calibration[k] for k in ("decision_score", "w", "thr_01", "m_max", "settings")
+                                  if k in calibration}},
         "cohort": {"manifest": str(Path(manifest).resolve()), "split": split, "cases": len(cases),
                    "lesion_cases": sum(bool(truth[names == c].any()) for c in cases), "slices": len(data),
                    "lesion_slices": int(lesion_slices.sum()), "lesion_slices_by_label": int(data.unhealthy.sum()),
@@ -495,7 +498,8 @@ def _parameter_text(run: MethodRun) -> str:
             text += f"; L {parameters['noise_level']}, w {parameters['w']:g}, stride {parameters['stride']}"
         return text
     values = parameters.get("values", {})
-    text = ", ".join(f"{name} {_format(values[name]['value'])}" for name in ("w", "thr_01", "m_max") if name in values)
+    text = ", ".join(f"{name} {_format(values[name]['value'])}" for name in ("w", "decision_score", "thr_01", "m_max")
+                     if name in values)
     if "ablation" in parameters:
         ablation = {k: v for k, v in parameters["ablation"].items() if k != "source"}
         text += "; " + ", ".join(f"{k} {v:.4g}" for k, v in ablation.items())

@@ -50,7 +50,7 @@ from ..volume import (
     to_model_slices,
 )
 from ._checks import check_choice, check_int, check_real
-from .decision import cosine_similarity, is_unhealthy, mixed_setting_masks
+from .decision import DECISION_SCORES, check_threshold, cosine_similarity, decide, mixed_setting_masks
 from .forward import CODE_T_MAX_FRACTION, ENCODINGS, ForwardStatistics, forward_statistics
 from .threshold import MAX_SMALL_COMPONENT, remove_small_components, segment
 
@@ -62,7 +62,7 @@ AGGREGATIONS = ("mean", "last")
 EARLY_STOP_PATIENCE = 2  # grid steps past the peak ...
 EARLY_STOP_DROP = 0.5  # ... with M_t at most this fraction of its peak, in every modality
 CALIBRATION_METHOD = "anofpdm"
-CALIBRATION_VERSION = 1
+CALIBRATION_VERSION = 2  # 2: the decision score is stored (version 1 means the cosine)
 # settings that change M_t, the MSE curves and hence thr_01 and M_max
 FORWARD_KEYS = ("t_max", "stride", "encoding", "early_stop")
 CALIBRATE_HINT = ("calibrate the model once with `diffusion-engine calibrate anomaly --model MODEL --manifest "
@@ -81,7 +81,8 @@ class AnomalySettings:
     threshold: float | None = None  # fixed absolute threshold on H instead of Algorithm 1
     quantile: float | None = None  # fixed quantile level of H instead of Algorithm 1's dynamic one
     decision: bool = True  # healthy/unhealthy decision per slice ("mixed" setting); False keeps every mask
-    thr_01: float | None = None  # decision threshold on the cosine; None -> calibrated
+    decision_score: str | None = None  # "cosine" (paper) or "peak-divergence" (decision.py); None -> calibrated
+    thr_01: float | None = None  # decision threshold on that score; None -> calibrated
     m_max: float | list[float] | None = None  # Algorithm 1's M_max (one, or one per modality); None -> calibrated
     min_component_mm2: float = DEFAULT_MIN_COMPONENT_MM2  # components with at most this area are removed
     median_size: int = 5  # median filter of H (pixels, odd); 1 = none
@@ -98,9 +99,9 @@ class AnomalySettings:
     def validate(self) -> AnomalySettings:
         """Raise InputError for a setting out of range; returns self."""
         for name in ("w", "threshold", "quantile", "thr_01"):
-            if getattr(self, name) is not None:
+            if getattr(self, name) is not None:  # thr_01's range depends on the score: checked where it is applied
                 low, high = {"w": (0.0, math.inf), "threshold": (-math.inf, math.inf), "quantile": (0.0, 1.0),
-                             "thr_01": (-1.0, 1.0)}[name]
+                             "thr_01": (-math.inf, math.inf)}[name]
                 check_real(name, getattr(self, name), low=low, high=high)
         if self.t_max is not None:
             check_int("t_max", self.t_max, low=1)
@@ -109,6 +110,8 @@ class AnomalySettings:
         check_int("stride", self.stride, low=1)
         check_choice("encoding", self.encoding, ENCODINGS)
         check_choice("aggregation", self.aggregation, AGGREGATIONS)
+        if self.decision_score is not None:
+            check_choice("decision score", self.decision_score, DECISION_SCORES)
         check_real("min_component_mm2", self.min_component_mm2, low=0.0)
         check_int("median filter size", self.median_size, low=1)
         if self.median_size % 2 == 0:
@@ -134,7 +137,7 @@ class SliceResults:
     """Model-grid results for N slices (M = modalities scored, n = grid steps)."""
     score: np.ndarray  # [N, H, W] float32 anomaly map H (median-filtered mean over modalities)
     mask: np.ndarray  # [N, H, W] uint8 after threshold, median filter, component removal and decision
-    unhealthy: np.ndarray  # [N] bool decision (cos <= thr_01); all True when decision=False
+    unhealthy: np.ndarray  # [N] bool decision (values["decision_score"]'s rule); all True when decision=False
     cosine: np.ndarray  # [N] float64 cos(MSE^h, MSE^u)
     t_e: np.ndarray  # [N, M] int timestep of the peak of M_t (argmax), per modality
     m_te: np.ndarray  # [N, M] float M_te = max_t M_t, per modality
@@ -146,7 +149,7 @@ class SliceResults:
     steps_run: np.ndarray  # [N] int grid steps counted per slice (n unless early_stop)
     quantile_level: np.ndarray | None  # [N, M] Algorithm 1's (or the fixed) quantile level; None: fixed threshold
     max_component_pixels: np.ndarray  # [N] int components of at most this many pixels were removed
-    values: dict  # JSON-able: w, thr_01, m_max used and where each came from
+    values: dict  # JSON-able: w, decision_score, thr_01, m_max used and where each came from
 
 
 @dataclass(eq=False)
@@ -235,8 +238,15 @@ def _calibration(bundle: ModelBundle) -> dict | None:
 
 def resolve_values(bundle: ModelBundle, settings: AnomalySettings, n_scored: int, *, check_only: bool = False
                    ) -> dict:
-    """w, thr_01 and M_max for this run: the user's value, else the calibrated one; errors name every missing one."""
+    """w, decision score, thr_01 and M_max for this run: the user's value, else the calibrated one; errors name every
+    missing one."""
     calibration = _calibration(bundle) or {}
+    calibrated_score = calibration.get("decision_score", "cosine")  # calibration version 1 had the cosine only
+    if settings.decision and settings.decision_score not in (None, calibrated_score) and settings.thr_01 is None:
+        raise InputError(f"the model's thr_01 was calibrated for the {calibrated_score} decision, not for "
+                         f"{settings.decision_score}", path=bundle.path,
+                         fix=f"give --thr-01 for the {settings.decision_score} decision, or recalibrate with "
+                             f"`diffusion-engine calibrate anomaly --decision {settings.decision_score}`")
     needed = {"w": True, "thr_01": settings.decision,
               "m_max": settings.threshold is None and settings.quantile is None}
     values, missing = {}, []
@@ -260,6 +270,13 @@ def resolve_values(bundle: ModelBundle, settings: AnomalySettings, n_scored: int
                              fix="give one M_max, or one per modality")
         values["m_max"]["value"] = m_max
     values["w"]["value"] = float(values["w"]["value"])
+    if settings.decision_score is not None:
+        values["decision_score"] = {"value": settings.decision_score, "source": "settings"}
+    else:
+        values["decision_score"] = {"value": calibrated_score,
+                                    "source": "calibration" if "decision_score" in calibration else "default"}
+    if "thr_01" in values:
+        check_threshold(values["decision_score"]["value"], values["thr_01"]["value"])
     if not check_only:
         _warn_if_calibrated_differently(bundle, settings, values, calibration)
     return values
@@ -539,7 +556,7 @@ def segment_from_forward(run: ForwardRun, settings: AnomalySettings, values: dic
     count = run.peak_step.shape[0]
     cosine = cosine_similarity(run.mse_healthy, run.mse_reference)
     if settings.decision:
-        unhealthy = is_unhealthy(cosine, values["thr_01"]["value"])
+        unhealthy = decide(values["decision_score"]["value"], values["thr_01"]["value"], cosine, run.peak_divergence)
     else:
         unhealthy = torch.ones(cosine.shape, dtype=torch.bool)
     maps = run.aggregated if settings.aggregation == "mean" else run.last_sam
@@ -672,8 +689,8 @@ def _report(bundle: ModelBundle, case: Any, settings: AnomalySettings, results: 
                      "t_max": settings.resolved_t_max(bundle.schedule().num_timesteps),
                      "w": results.values["w"]["value"]},
         "values": results.values,
-        "calibration": {key: calibration[key] for key in ("settings", "w", "thr_01", "m_max", "date")
-                        if key in calibration} or None,
+        "calibration": {key: calibration[key] for key in ("settings", "decision_score", "w", "thr_01", "m_max",
+                                                          "date") if key in calibration} or None,
         "geometry": {"size": list(geometry.size), "spacing": list(geometry.spacing), "origin": list(geometry.origin),
                      "direction": list(geometry.direction), "model_size": list(geometry.model_size),
                      "model_pixel_area_mm2": model_pixel_area_mm2(geometry)},

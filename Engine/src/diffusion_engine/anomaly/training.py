@@ -59,8 +59,10 @@ def balanced_batches(data: SliceSet, batch_size: int, num_timesteps: int, p_unco
 def train_anomaly_model(manifest: str | Path, out: str | Path, *, modalities: Sequence[str] = ("flair", "t2"),
                         preset: str = "tiny", image_size: int = 64, p_uncond: float = 0.1,
                         dropout: float | None = None, settings: TrainSettings | None = None,
-                        work_dir: str | Path | None = None, num_timesteps: int = 1000) -> Path:
-    """Train on the manifest's ``train`` split (image-level labels only) and write a model bundle to ``out``."""
+                        work_dir: str | Path | None = None, num_timesteps: int = 1000,
+                        half_precision: bool = False) -> Path:
+    """Train on the manifest's ``train`` split (image-level labels only) and write a model bundle to ``out``;
+    ``half_precision`` stores the weights as float16 (half the size; the loader computes in float32)."""
     settings = settings or TrainSettings()
     for what, value, fix in (("label dropout probability", p_uncond, "use e.g. 0.1"),
                              ("network dropout", dropout, "use e.g. 0.1, or leave it to the preset")):
@@ -90,8 +92,10 @@ def train_anomaly_model(manifest: str | Path, out: str | Path, *, modalities: Se
     summary = {"manifest": str(Path(manifest).resolve()), "cases": len(rows), "slices": len(data),
                "unhealthy_slices": int(data.unhealthy.sum()), "preset": preset,
                "p_uncond": p_uncond, "settings": asdict(settings),
-               "final_loss": history[-1]["loss"] if history else None, "loss_history": history}
+               "final_loss": history[-1]["loss"] if history else None, "loss_history": history,
+               "weights_dtype": "float16" if half_precision else "float32"}
     preprocessing = {"modalities": list(modalities), "image_size": [image_size, image_size],
                      "normalisation": normalisation.to_dict()}
-    return save_bundle(out, {"eps": network.cpu()}, kind="anomaly", schedule=schedule, preprocessing=preprocessing,
+    network = network.cpu().half() if half_precision else network.cpu()
+    return save_bundle(out, {"eps": network}, kind="anomaly", schedule=schedule, preprocessing=preprocessing,
                        labels={**LABELS, "healthy_label": 0}, training=summary)

@@ -81,8 +81,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     values.add_argument("--w", type=float, default=None,
                         help="guidance strength: how strongly the model is pushed towards 'healthy' (paper: 2 on "
                              "BraTS, 30 on ATLAS)")
+    values.add_argument("--decision-score", choices=("cosine", "peak-divergence"), default=None,
+                        help="what decides whether a slice holds a lesion: the paper's cosine similarity of the "
+                             "error curves, or the peak divergence M_te (default: the one calibrated)")
     values.add_argument("--thr-01", type=float, default=None,
-                        help="slices whose similarity score is at or below this are called unhealthy (-1 to 1)")
+                        help="decision threshold: with the cosine, slices at or below it (-1 to 1) are called "
+                             "unhealthy; with the peak divergence, slices at or above it")
     values.add_argument("--m-max", type=_floats, default=None,
                         help="largest divergence seen on lesion slices, one value or one per modality "
                              "(comma-separated); scales the per-slice threshold")
@@ -111,8 +115,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 SETTING_FLAGS = ("w", "t_max", "stride", "encoding", "aggregation", "noise_scale", "threshold", "quantile",
-                 "decision", "thr_01", "m_max", "min_component_mm2", "median_size", "early_stop", "chunk_size",
-                 "device", "seed")
+                 "decision", "decision_score", "thr_01", "m_max", "min_component_mm2", "median_size", "early_stop",
+                 "chunk_size", "device", "seed")
 
 
 def settings_from_args(args: argparse.Namespace, names: tuple[str, ...] = SETTING_FLAGS) -> Any:

@@ -21,6 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="For each guidance strength of the grid, run the forward process on the validation slices and "
                     "measure how well the healthy/unhealthy decision separates them; keep the largest w within 99% "
                     "of the best accuracy (paper sec. 4.2), with its decision threshold and M_max (Algorithm 1). "
+                    "The decision is the paper's cosine rule unless the peak divergence M_te classifies the "
+                    "validation slices more accurately (--decision auto), or the one given. "
                     "Only image-level labels are used: a slice is unhealthy if its subject is not healthy and, when "
                     "the manifest gives a lesion mask, the slice holds a lesion voxel. Run `diffusion-engine "
                     "anomaly` later with the same forward-process options.")
@@ -28,6 +30,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     anomaly.add_argument("--manifest", required=True, help="manifest.csv; the 'val' split is used")
     anomaly.add_argument("--w-grid", type=_floats, default=None,
                          help="comma-separated guidance strengths to try (default 0,1,2,3,5,10,20,30)")
+    anomaly.add_argument("--decision", choices=("auto", "cosine", "peak-divergence"), default="auto",
+                         help="slice decision score: the paper's cosine, the peak divergence M_te, or auto (the more "
+                              "accurate on validation; ties keep the cosine; default)")
     add_forward_options(anomaly)
     add_run_options(anomaly)
     anomaly.set_defaults(run=run_anomaly)
@@ -71,12 +76,14 @@ def run_anomaly(args: argparse.Namespace) -> dict[str, str]:
     from ..anomaly.calibrate import DEFAULT_W_GRID, calibrate_model
 
     settings = settings_from_args(args, ("t_max", "stride", "encoding", "early_stop", "chunk_size", "device", "seed"))
-    values = calibrate_model(args.model, args.manifest, w_grid=args.w_grid or DEFAULT_W_GRID, settings=settings)
+    values = calibrate_model(args.model, args.manifest, w_grid=args.w_grid or DEFAULT_W_GRID, settings=settings,
+                             decision=args.decision)
     record = values["record"]
-    best = record["guidance"]["best_accuracy"]
-    print(f"w = {values['w']:g}, thr_01 = {values['thr_01']:.6g}, M_max = "
-          f"{', '.join(f'{v:.4g}' for v in values['m_max'])} (validation accuracy {best:.3f} at best; "
-          f"{record['slices']} slices, {record['unhealthy_slices']} unhealthy)", file=sys.stderr)
+    accuracy = ", ".join(f"{score} {value:.3f}" for score, value in record["decision"]["accuracy_at_chosen_w"].items())
+    print(f"decision {values['decision_score']}, w = {values['w']:g}, thr_01 = {values['thr_01']:.6g}, M_max = "
+          f"{', '.join(f'{v:.4g}' for v in values['m_max'])} (validation accuracy: {accuracy}; all healthy "
+          f"{record['healthy_slices'] / record['slices']:.3f}; {record['slices']} slices, "
+          f"{record['unhealthy_slices']} unhealthy)", file=sys.stderr)
     return {"model": args.model}
 
 

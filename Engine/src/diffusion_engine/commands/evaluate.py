@@ -36,6 +36,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     anomaly.add_argument("--t-max", type=int, default=None, help="AnoFPDM forward steps (default: the calibration's, "
                                                                  "else 0.6 T)")
     anomaly.add_argument("--w", type=float, default=None, help="guidance strength (default: calibrated)")
+    anomaly.add_argument("--decision-score", choices=("cosine", "peak-divergence"), default=None,
+                         help="slice decision of the mixed setting (default: calibrated)")
     anomaly.add_argument("--thr-01", type=float, default=None, help="decision threshold (default: calibrated)")
     anomaly.add_argument("--m-max", type=float, nargs="+", default=None, help="Algorithm 1's M_max (default: "
                                                                               "calibrated)")
@@ -136,7 +138,8 @@ def run_anomaly(args: argparse.Namespace) -> dict[str, str]:
     bundle = resolve_model(args.model, device=args.device)
     m_max = args.m_max[0] if args.m_max and len(args.m_max) == 1 else args.m_max
     settings = default_settings(bundle, stride=args.stride, t_max=args.t_max, w=args.w, thr_01=args.thr_01,
-                                m_max=m_max, chunk_size=args.chunk_size, device=args.device, seed=args.seed)
+                                decision_score=args.decision_score, m_max=m_max, chunk_size=args.chunk_size,
+                                device=args.device, seed=args.seed)
     evaluation = run_evaluation(bundle, args.manifest, split=args.split, val_split=args.val_split,
                                 variants=args.variants, settings=settings,
                                 reconstruction={"noise_level": args.reconstruction_noise_level,

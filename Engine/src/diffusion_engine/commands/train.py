@@ -9,6 +9,11 @@ from typing import Any
 from ..manifest import MODALITIES
 
 
+def _add_half(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--half", action="store_true",
+                        help="store the weights as float16 (half the size; inference computes in float32)")
+
+
 def _add_common(parser: argparse.ArgumentParser, *, steps: int, batch_size: int) -> None:
     parser.add_argument("--manifest", required=True, help="manifest.csv; the 'train' split is used")
     parser.add_argument("--out", required=True, help="model folder to write (safetensors + model.json)")
@@ -42,6 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     anomaly.add_argument("--p-uncond", type=float, default=0.1, help="probability of dropping the label (CFG)")
     anomaly.add_argument("--dropout", type=float, default=None,
                          help="dropout in the UNet's residual blocks (default: the preset's; the paper uses 0.1)")
+    _add_half(anomaly)
     anomaly.set_defaults(run=run_anomaly)
 
     aging = methods.add_parser("aging", help="ONLS counterfactual aging: epsilon UNet + noisy age regressor",
@@ -65,7 +71,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     aging.add_argument("--central-slices", type=int, default=16,
                        help="train on each case's central N brain slices, the slab inference changes (0 = all; "
                             "default 16)")
-    aging.add_argument("--half", action="store_true", help="store the weights as float16 (half the size)")
+    _add_half(aging)
     aging.set_defaults(run=run_aging)
     add_restore_parser(methods)
 
@@ -107,7 +113,7 @@ def run_anomaly(args: argparse.Namespace) -> dict[str, str]:
     modalities = tuple(m.strip() for m in args.modalities.split(",") if m.strip())
     out = train_anomaly_model(args.manifest, args.out, modalities=modalities, preset=args.preset,
                               image_size=args.image_size, p_uncond=args.p_uncond, dropout=args.dropout,
-                              settings=_settings(args),
+                              settings=_settings(args), half_precision=args.half,
                               work_dir=Path(args.work_dir) if args.work_dir else None)
     record_command(out, args)
     return {"model": str(out)}
