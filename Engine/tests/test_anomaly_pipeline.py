@@ -28,6 +28,7 @@ from diffusion_engine.anomaly.forward import forward_statistics
 from diffusion_engine.anomaly.pipeline import (
     AnomalySettings,
     resolve_model,
+    resolve_values,
     run_forward,
     segment_anomalies,
     segment_slices,
@@ -391,6 +392,34 @@ def test_calibrate_then_segment_with_the_calibration(anomaly_model: Path, anomal
     assert calibration["decision_score"] == other and calibration["record"]["decision"]["method"] == "given"
     result = segment_anomalies(model, case, AnomalySettings(**SHORT, device="cpu"))
     assert result.report["values"]["decision_score"] == {"value": other, "source": "calibration"}
+
+
+def test_decision_score_and_its_threshold_are_resolved_together(tmp_path: Path) -> None:
+    def bundle(**calibration: object) -> SimpleNamespace:
+        section = {"method": "anofpdm", "version": 2, "settings": {}, "w": 2.0, "m_max": [0.5], **calibration}
+        return SimpleNamespace(config={"calibration": section}, path=tmp_path)
+
+    def values(model: SimpleNamespace, **settings: object) -> dict:
+        return resolve_values(model, AnomalySettings(**settings), 1, check_only=True)
+
+    old = bundle(thr_01=0.9)  # calibration version 1: no decision score, which means the cosine
+    assert values(old)["decision_score"] == {"value": "cosine", "source": "default"}
+    peak = bundle(thr_01=0.12, decision_score="peak-divergence")
+    got = values(peak)
+    assert got["decision_score"] == {"value": "peak-divergence", "source": "calibration"}
+    assert got["thr_01"] == {"value": 0.12, "source": "calibration"}
+    # another score needs its own threshold; without the decision none is used
+    with pytest.raises(InputError, match="calibrated for the peak-divergence decision"):
+        values(peak, decision_score="cosine")
+    assert values(peak, decision_score="cosine", thr_01=0.95)["thr_01"] == {"value": 0.95, "source": "settings"}
+    assert "thr_01" not in values(peak, decision_score="cosine", decision=False)
+    # each score's range: a cosine in [-1, 1], an M_te >= 0
+    with pytest.raises(InputError, match=r"thr_01 \(a cosine\)"):
+        values(old, thr_01=1.5)
+    with pytest.raises(InputError, match="M_te"):
+        values(peak, thr_01=-0.1)
+    with pytest.raises(ModelError, match="thr_01 unknown"):  # uncalibrated: the usual message
+        values(bundle(), decision_score="peak-divergence")
 
 
 # ------------------------------------------------------------------------------------------ bad input

@@ -242,11 +242,14 @@ def resolve_values(bundle: ModelBundle, settings: AnomalySettings, n_scored: int
     missing one."""
     calibration = _calibration(bundle) or {}
     calibrated_score = calibration.get("decision_score", "cosine")  # calibration version 1 had the cosine only
-    if settings.decision and settings.decision_score not in (None, calibrated_score) and settings.thr_01 is None:
-        raise InputError(f"the model's thr_01 was calibrated for the {calibrated_score} decision, not for "
-                         f"{settings.decision_score}", path=bundle.path,
-                         fix=f"give --thr-01 for the {settings.decision_score} decision, or recalibrate with "
-                             f"`diffusion-engine calibrate anomaly --decision {settings.decision_score}`")
+    score = settings.decision_score or calibrated_score
+    if score != calibrated_score and "thr_01" in calibration:  # the calibrated thr_01 thresholds another score
+        calibration = {key: value for key, value in calibration.items() if key != "thr_01"}
+        if settings.decision and settings.thr_01 is None:
+            raise InputError(f"the model's thr_01 was calibrated for the {calibrated_score} decision, not for "
+                             f"{score}", path=bundle.path,
+                             fix=f"give --thr-01 for the {score} decision, or recalibrate with "
+                                 f"`diffusion-engine calibrate anomaly --decision {score}`")
     needed = {"w": True, "thr_01": settings.decision,
               "m_max": settings.threshold is None and settings.quantile is None}
     values, missing = {}, []
@@ -270,13 +273,11 @@ def resolve_values(bundle: ModelBundle, settings: AnomalySettings, n_scored: int
                              fix="give one M_max, or one per modality")
         values["m_max"]["value"] = m_max
     values["w"]["value"] = float(values["w"]["value"])
-    if settings.decision_score is not None:
-        values["decision_score"] = {"value": settings.decision_score, "source": "settings"}
-    else:
-        values["decision_score"] = {"value": calibrated_score,
-                                    "source": "calibration" if "decision_score" in calibration else "default"}
+    source = ("settings" if settings.decision_score is not None
+              else "calibration" if "decision_score" in calibration else "default")
+    values["decision_score"] = {"value": score, "source": source}
     if "thr_01" in values:
-        check_threshold(values["decision_score"]["value"], values["thr_01"]["value"])
+        check_threshold(score, values["thr_01"]["value"])
     if not check_only:
         _warn_if_calibrated_differently(bundle, settings, values, calibration)
     return values
