@@ -84,7 +84,7 @@ class DiffusionAnomalyParameterNode:
     overrideThreshold: bool = False
     threshold: Annotated[float, WithinRange(0.0, 100.0)] = 0.1
     overrideDecision: bool = False
-    decisionThreshold: Annotated[float, WithinRange(-1.0, 10.0)] = 0.9  # a cosine, or an M_te (>= 0)
+    decisionThreshold: Annotated[float, WithinRange(-1.0, 10.0)] = 0.9  # a cosine, an M_te (>= 0) or an evidence
 
     def folder(self) -> str:
         """The chosen model folder ("" when none: an empty path widget reads as ".")."""

@@ -194,6 +194,8 @@ class AnomalyLogic:
             ("Q*", [row["threshold"] for row in rows]),
             ("similarity (cos)", [row["cosine"] for row in rows]),
             ("peak divergence (M_te)", [sum(row["m_te"]) / len(row["m_te"]) for row in rows]),
+            *([("classifier evidence", [row["classifier_evidence"] for row in rows])]
+              if rows and "classifier_evidence" in rows[0] else []),
             ("lesion voxels", [row["lesion_voxels"] for row in rows]),
             ("lesion mL", [row["lesion_voxels"] * voxel_ml for row in rows]),
         ])

@@ -14,8 +14,9 @@
    go through the network and the seconds and evaluations per volume are extrapolated linearly to all brain slices
    (the cost per slice does not depend on the slice); the table says so. Seconds per volume add the measured
    preprocessing of the whole volume.
-3. Configurations: the default stride vs stride 1 (the paper's full grid), and t_max 100 vs 600 at the default
-   stride: memory must not grow with t_max (running sums, no stored trajectories).
+3. Configurations: the default stride vs stride 1 (the paper's full grid), t_max 100 vs 600 at the default
+   stride (memory must not grow with t_max: running sums, no stored trajectories), and the default without the
+   slice decision (the cost of the model's decision, e.g. the diffusion classifier's own pass).
 4. Dice cost of striding: diffusion_engine.anomaly.evaluate on the test split of a small phantom cohort (or
    --cohort MANIFEST), AnoFPDM (DDIM) only, at each stride of --dice-strides. thr_01 and M_max stay the model's
    calibrated values at every stride (the pipeline warns when they were calibrated at another one).
@@ -238,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     base = {"device": device, "chunk_size": args.chunk_size, **overrides}
     configs = [("no forward pass (imports, model, slices)", {"stride": stride}, False, args.subset_slices),
                (f"stride {stride} (default), t_max 600", {"stride": stride, "t_max": 600}, True, args.subset_slices),
+               (f"stride {stride}, t_max 600, no slice decision", {"stride": stride, "t_max": 600, "decision": False},
+                True, args.subset_slices),
                (f"stride {stride}, t_max 100", {"stride": stride, "t_max": 100}, True, args.subset_slices)]
     if not args.skip_stride_1:
         configs.append(("stride 1 (paper), t_max 600", {"stride": 1, "t_max": 600}, True,

@@ -31,6 +31,7 @@ from diffusion_engine.anomaly import (
     segment,
     select_guidance,
 )
+from diffusion_engine.anomaly.classifier import classifier_noise, classifier_timesteps, unhealthy_evidence
 from diffusion_engine.errors import InputError, ModelError
 from diffusion_engine.schedule import linear_schedule
 
@@ -471,6 +472,69 @@ def test_peak_divergence_decision_rule():
         decide("peak-divergence", -0.1, cos, m_te)
     with pytest.raises(InputError, match="decision score"):
         decide("sine", 0.5, cos, m_te)
+
+
+def test_diffusion_classifier_decision_rule():
+    cos, m_te = torch.tensor([0.99, 0.2, 0.5]), torch.tensor([0.1, 0.3, 0.2])
+    evidence = torch.tensor([-3e-4, 1e-4, 2e-4], dtype=torch.float64)
+    np.testing.assert_array_equal(decision_values("diffusion-classifier", cos, m_te, evidence).numpy(),
+                                  evidence.double().numpy())
+    # unhealthy at or above thr_01, which may be negative; cosine and M_te play no part
+    assert decide("diffusion-classifier", 1e-4, cos, m_te, evidence).tolist() == [False, True, True]
+    assert decide("diffusion-classifier", -4e-4, cos, m_te, evidence).tolist() == [True, True, True]
+    with pytest.raises(ValueError, match="evidence"):
+        decide("diffusion-classifier", 0.0, cos, m_te)
+
+
+# -- diffusion classifier ------------------------------------------------------------------------------------------
+
+
+def test_classifier_timesteps_and_noise():
+    assert classifier_timesteps(1000) == [50, 100, 150, 200, 250, 300]
+    assert classifier_timesteps(10) == [0, 1, 2, 3]  # rounded, without repeats
+    noise = classifier_noise((2, 4, 4), 3, seed=5)
+    assert noise.shape == (3, 2, 4, 4)
+    torch.testing.assert_close(noise, classifier_noise((2, 4, 4), 3, seed=5))
+    assert not torch.equal(noise, classifier_noise((2, 4, 4), 3, seed=6))
+
+
+def test_unhealthy_evidence_is_the_gap_between_the_two_labels_denoising_errors():
+    schedule = linear_schedule(100)
+    x0 = torch.rand(3, 2, 8, 8) * 2 - 1
+    timesteps = [5, 20, 40]
+    noise = classifier_noise(x0.shape[1:], len(timesteps), seed=0)
+    calls = []
+
+    def oracle(label_that_knows: int, images: torch.Tensor = x0):
+        """A network whose label_that_knows predicts the true noise and whose other label predicts zero."""
+        def eps_model(x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            calls.append((x_t.shape[0], sorted(set(y.tolist()))))
+            step = int(t[0])
+            clean = torch.cat([images, images])
+            abar = schedule.alphas_cumprod[step]
+            true_eps = (x_t - abar.sqrt() * clean) / (1 - abar).sqrt()
+            return torch.where((y == label_that_knows)[:, None, None, None], true_eps, torch.zeros_like(x_t))
+        return eps_model
+
+    # the healthy label's error is E||eps||^2 per timestep, the unhealthy label's 0: the evidence is mean(eps^2)
+    evidence = unhealthy_evidence(oracle(1), schedule, x0, healthy_label=0, unhealthy_label=1, timesteps=timesteps,
+                                  noise=noise)
+    expected = (noise.double() ** 2).mean().item()
+    np.testing.assert_allclose(evidence.numpy(), [expected] * 3, rtol=1e-4)
+    assert calls == [(6, [0, 1])] * 3  # one call per timestep, both labels in it
+    flipped = unhealthy_evidence(oracle(0), schedule, x0, healthy_label=0, unhealthy_label=1, timesteps=timesteps,
+                                 noise=noise)
+    np.testing.assert_allclose(flipped.numpy(), -evidence.numpy(), rtol=1e-4)
+    # a slice's evidence does not depend on its batch (the noise is shared by every slice)
+    alone = unhealthy_evidence(oracle(1, x0[1:2]), schedule, x0[1:2], healthy_label=0, unhealthy_label=1,
+                               timesteps=timesteps, noise=noise)
+    np.testing.assert_allclose(alone.numpy(), evidence.numpy()[1:2], rtol=1e-6)
+    with pytest.raises(ValueError, match="noise"):
+        unhealthy_evidence(oracle(1), schedule, x0, healthy_label=0, unhealthy_label=1, timesteps=timesteps[:2],
+                           noise=noise)
+    with pytest.raises(ModelError, match="wrong shape"):
+        unhealthy_evidence(lambda x, t, y: x[:1], schedule, x0, healthy_label=0, unhealthy_label=1,
+                           timesteps=timesteps, noise=noise)
 
 
 # -- calibration -------------------------------------------------------------------------------------------------

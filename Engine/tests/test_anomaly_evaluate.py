@@ -22,9 +22,16 @@ from diffusion_engine.anomaly.baselines import (
     reconstruction_scores,
     threshold_masks,
 )
-from diffusion_engine.anomaly.evaluate import VARIANTS, default_settings, pixel_areas, run_evaluation, write_evaluation
+from diffusion_engine.anomaly.evaluate import (
+    VARIANTS,
+    default_settings,
+    load_split,
+    pixel_areas,
+    run_evaluation,
+    write_evaluation,
+)
 from diffusion_engine.anomaly.forward import NULL_LABEL
-from diffusion_engine.anomaly.pipeline import resolve_model, segment_slices
+from diffusion_engine.anomaly.pipeline import model_spec, resolve_model, segment_slices
 from diffusion_engine.commands.evaluate import VARIANT_KEYS
 from diffusion_engine.datasets import SliceSet
 from diffusion_engine.errors import InputError
@@ -251,6 +258,25 @@ def test_evaluation_end_to_end(small_bundle: Path, resplit_cohort: Path, tmp_pat
         main.metrics["unhealthy"]["dice"])
     assert saved["cohort"]["slices"] == len(data) and saved["machine"]["cores"] >= 1
     assert Path(outputs["figure"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_evaluation_with_the_diffusion_classifier_decision(small_bundle: Path, resplit_cohort: Path) -> None:
+    from diffusion_engine.anomaly.pipeline import class_evidence
+
+    bundle = resolve_model(small_bundle)
+    settings = default_settings(bundle, **{**OVERRIDES, "decision_score": "diffusion-classifier", "thr_01": 0.0})
+    test = load_split(resplit_cohort, "test", model_spec(bundle), task="reading")
+    evidence, _ = class_evidence(bundle, test.images, settings)
+    settings = replace(settings, thr_01=float(np.median(evidence)))  # some slices decided each way
+    evaluation = run_evaluation(bundle, resplit_cohort, variants=["anofpdm", "last_sam"], settings=settings)
+    reference = segment_slices(bundle, evaluation.data.images, replace(settings, decision=True),
+                               pixel_area_mm2=pixel_areas(evaluation.data))
+    np.testing.assert_array_equal(reference.evidence, evidence)
+    for run in evaluation.runs:  # one classifier pass serves both variants' mixed setting
+        np.testing.assert_array_equal(run.decided_unhealthy, evidence >= settings.thr_01)
+        assert 0 < run.decided_unhealthy.sum() < len(evidence)
+        assert run.evaluations_per_slice == 2 * 2 + 12  # the forward pass's two grid steps and the classifier's
+    np.testing.assert_array_equal(evaluation.runs[0].mixed_masks, reference.mask.astype(bool))
 
 
 def test_evaluate_command(small_bundle: Path, resplit_cohort: Path, tmp_path: Path) -> None:

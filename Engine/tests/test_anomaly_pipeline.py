@@ -23,10 +23,11 @@ from diffusion_engine import cli
 from diffusion_engine.anomaly import pipeline
 from diffusion_engine.anomaly.calibrate import DEFAULT_W_GRID
 from diffusion_engine.anomaly.calibration import calibrate_thr_01
-from diffusion_engine.anomaly.decision import cosine_similarity, decision_values
+from diffusion_engine.anomaly.decision import DECISION_SCORES, cosine_similarity, decision_values
 from diffusion_engine.anomaly.forward import forward_statistics
 from diffusion_engine.anomaly.pipeline import (
     AnomalySettings,
+    class_evidence,
     resolve_model,
     resolve_values,
     run_forward,
@@ -361,13 +362,17 @@ def test_calibrate_then_segment_with_the_calibration(anomaly_model: Path, anomal
     assert record["slices"] == len(data) and record["unhealthy_slices"] == int(data.unhealthy.sum())
     stats = by_hand(loaded, data.images, calibration["w"], SHORT)
     score = calibration["decision_score"]
-    values = decision_values(score, cosine_similarity(stats.mse_healthy, stats.mse_reference), stats.peak_divergence)
+    evidence, _ = class_evidence(loaded, data.images, AnomalySettings(device="cpu"))
+    values = decision_values(score, cosine_similarity(stats.mse_healthy, stats.mse_reference), stats.peak_divergence,
+                             torch.from_numpy(evidence))
     thr_01, _ = calibrate_thr_01(values, data.unhealthy, score)
     assert calibration["thr_01"] == pytest.approx(thr_01, rel=1e-6)
-    # auto keeps the cosine unless the peak divergence is more accurate; the other score's choice is recorded
+    # auto keeps the most accurate decision, the cosine on ties; the other scores' choices are recorded
     accuracy = record["decision"]["accuracy_at_chosen_w"]
-    assert score == ("peak-divergence" if accuracy["peak-divergence"] > accuracy["cosine"] else "cosine")
-    assert record["other_score"]["score"] != score and len(record["other_score"]["per_w"]) == 2
+    assert set(accuracy) == set(DECISION_SCORES)
+    assert score == max(DECISION_SCORES, key=lambda s: (accuracy[s], -DECISION_SCORES.index(s)))
+    others = record["other_scores"]
+    assert {o["score"] for o in others} == set(DECISION_SCORES) - {score} and all(len(o["per_w"]) == 2 for o in others)
     unhealthy_peaks = stats.peak_divergence.numpy()[data.unhealthy == 1]
     np.testing.assert_allclose(calibration["m_max"], unhealthy_peaks.max(axis=0), rtol=1e-5)
 
@@ -382,7 +387,7 @@ def test_calibrate_then_segment_with_the_calibration(anomaly_model: Path, anomal
     assert len(warnings) == 1 and "stride 50 (calibrated with 25)" in warnings[0]
 
     # a decision score can be forced; the calibrated thr_01 is not used for another score
-    other = "cosine" if score == "peak-divergence" else "peak-divergence"
+    other = "diffusion-classifier" if score != "diffusion-classifier" else "cosine"
     with pytest.raises(InputError, match=f"calibrated for the {score} decision"):
         segment_anomalies(model, case, AnomalySettings(**SHORT, decision_score=other, device="cpu"))
     assert cli.main(["--progress", "none", "calibrate", "anomaly", "--model", str(model), "--manifest", str(manifest),
@@ -392,6 +397,13 @@ def test_calibrate_then_segment_with_the_calibration(anomaly_model: Path, anomal
     assert calibration["decision_score"] == other and calibration["record"]["decision"]["method"] == "given"
     result = segment_anomalies(model, case, AnomalySettings(**SHORT, device="cpu"))
     assert result.report["values"]["decision_score"] == {"value": other, "source": "calibration"}
+    # the diffusion classifier's own pass: 12 evaluations per slice on top of the forward pass's, evidence reported
+    result = segment_anomalies(model, case, AnomalySettings(**SHORT, decision_score="diffusion-classifier",
+                                                            thr_01=0.0, device="cpu"))
+    rows = result.report["slices"]
+    evidence = np.array([row["classifier_evidence"] for row in rows])
+    assert [row["unhealthy"] for row in rows] == (evidence >= 0).tolist()
+    assert result.report["network_evaluations"] == len(rows) * (2 * 2 + 12)
 
 
 def test_decision_score_and_its_threshold_are_resolved_together(tmp_path: Path) -> None:
@@ -418,8 +430,30 @@ def test_decision_score_and_its_threshold_are_resolved_together(tmp_path: Path) 
         values(old, thr_01=1.5)
     with pytest.raises(InputError, match="M_te"):
         values(peak, thr_01=-0.1)
+    # the diffusion classifier's evidence may be negative
+    classifier = bundle(thr_01=-2e-4, decision_score="diffusion-classifier")
+    assert values(classifier)["thr_01"] == {"value": -2e-4, "source": "calibration"}
     with pytest.raises(ModelError, match="thr_01 unknown"):  # uncalibrated: the usual message
         values(bundle(), decision_score="peak-divergence")
+
+
+def test_the_diffusion_classifier_needs_an_unhealthy_class(bundle: ModelBundle, tmp_path: Path) -> None:
+    config = copy.deepcopy(bundle.config)
+    assert pipeline.model_spec(bundle).unhealthy_label == 1  # named "unhealthy" in model.json
+    config["labels"] = {"0": "healthy", "healthy_label": 0}
+    two = SimpleNamespace(config=config, path=tmp_path, networks=bundle.networks)
+    assert pipeline.model_spec(two).unhealthy_label == 1  # two classes: the one that is not healthy
+    config = copy.deepcopy(config)
+    config["networks"]["eps"]["config"]["num_classes"] = 3
+    three = SimpleNamespace(config=config, path=tmp_path, networks=bundle.networks)
+    with pytest.raises(ModelError, match="no class labelled 'unhealthy'"):
+        class_evidence(three, np.zeros((1, 2, 32, 32), np.float32), AnomalySettings(device="cpu"))
+
+
+def test_commands_offer_every_decision_score() -> None:
+    from diffusion_engine.commands import anomaly as command  # spelled there so that --help needs no torch
+
+    assert command.DECISION_SCORES == DECISION_SCORES
 
 
 # ------------------------------------------------------------------------------------------ bad input

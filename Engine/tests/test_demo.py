@@ -81,10 +81,12 @@ def test_bundled_demo_model_finds_the_demo_lesion() -> None:
     lesion = np.argsort(area)[::-1][:8]
     healthy = np.flatnonzero(area == 0)[np.linspace(10, np.count_nonzero(area == 0) - 10, 8).astype(int)]
     rows = np.r_[lesion, healthy]
-    # decision off: the demo model's healthy/unhealthy decision is weak (see Engine/evaluations/anomaly), the maps
-    # and masks are what it is good at
-    results = segment_slices(bundle, slices[rows], AnomalySettings(device="cpu", decision=False))
+    # the calibrated slice decision (the diffusion classifier) on: it must keep the lesion slices' masks and tell
+    # the lesion slices from the lesion-free ones (calling all slices one thing scores 0.5 here)
+    results = segment_slices(bundle, slices[rows], AnomalySettings(device="cpu"))
+    assert results.values["decision_score"]["value"] == "diffusion-classifier"
     assert dice(results.mask[:8] > 0, truth[lesion]) >= 0.5
+    assert np.mean(results.unhealthy == (np.arange(16) < 8)) >= 0.75
     brain = slices[rows, 0] > -1
     lesion_scores, other_scores = results.score[:8][truth[lesion]], results.score[brain & ~truth[rows]]
     assert np.median(lesion_scores) > np.percentile(other_scores, 99)

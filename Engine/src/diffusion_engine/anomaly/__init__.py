@@ -13,6 +13,8 @@ Spec step -> function
 - mask = H >= Q*, drop components of <= 40 pixels        -> threshold.segment, threshold.remove_small_components
 - healthy/unhealthy: cos(MSE^h, MSE^u) <= thr_01          -> decision.cosine_similarity, decision.is_unhealthy
   (or this engine's M_te >= thr_01)                      -> decision.decision_values, decision.decide
+  (or this engine's diffusion classifier: the "unhealthy" minus the "healthy" condition's denoising error)
+                                                         -> classifier.unhealthy_evidence
 - "mixed" setting: healthy slices get empty masks         -> decision.mixed_setting_masks
 - thr_01 calibration (image-level labels)                 -> calibration.calibrate_thr_01
 - M_max calibration                                       -> calibration.calibrate_m_max

@@ -1,11 +1,13 @@
 """Calibrating an anomaly model on validation slices with image-level labels only (paper sec. 4.2 and Algorithm 1).
 
 For every candidate guidance strength w, one forward pass over the manifest's 'val' slices gives each slice's
-decision values: the paper's cosine cos(MSE^h, MSE^u) and the peak divergence M_te (decision.py). For each decision
-score, thr_01 is calibrated per w and its accuracy recorded, and the paper's rule picks w: the largest whose
-accuracy is within 99% of the best (calibration.select_guidance). ``decision="auto"`` (the default) keeps the
-paper's cosine unless the peak divergence classifies the validation slices more accurately; either score can be
-forced. thr_01 and M_max (the largest M_te over the unhealthy slices) are those of the chosen w. Lesion masks, when
+decision values: the paper's cosine cos(MSE^h, MSE^u) and the peak divergence M_te (decision.py). For each of these
+scores, thr_01 is calibrated per w and its accuracy recorded, and the paper's rule picks w: the largest whose
+accuracy is within 99% of the best (calibration.select_guidance). The w of the more accurate of the two (the
+cosine on ties, or the one forced with ``decision``) is the model's w, and M_max (the largest M_te over the
+unhealthy slices) is that w's. The diffusion classifier (classifier.py) does not depend on w: one pass gives its
+evidence and its own thr_01. ``decision="auto"`` (the default) keeps the most accurate of the three decisions on
+the validation slices (the paper's cosine on ties); any one can be forced. Lesion masks, when
 the manifest has them, only label each slice (any lesion voxel = unhealthy), exactly as in training. The values and
 a record of how they were obtained go into the model's model.json ``calibration`` section, together with the
 forward settings they hold for (t_max, stride, encoding, early stop).
@@ -27,8 +29,16 @@ import numpy as np
 
 from .. import __version__
 from ..errors import InputError
-from .decision import DECISION_SCORES, cosine_similarity, decision_values
-from .pipeline import CALIBRATION_METHOD, CALIBRATION_VERSION, AnomalySettings, model_spec, resolve_model, run_forward
+from .decision import DECISION_SCORES, FORWARD_SCORES, cosine_similarity, decision_values
+from .pipeline import (
+    CALIBRATION_METHOD,
+    CALIBRATION_VERSION,
+    AnomalySettings,
+    class_evidence,
+    model_spec,
+    resolve_model,
+    run_forward,
+)
 
 DEFAULT_W_GRID = (0.0, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0)
 DECISIONS = ("auto", *DECISION_SCORES)
@@ -78,16 +88,31 @@ def _calibrate_score(score: str, runs: list, grid: list[float], labels: np.ndarr
     return {"score": score, "w": w, "thr_01": thresholds[w], "guidance": guidance, "per_w": per_w}
 
 
+def _most_accurate(by_score: dict[str, dict]) -> str:
+    """The score whose decision is the most accurate on validation; earlier in DECISION_SCORES on ties."""
+    return max(by_score, key=lambda score: (by_score[score]["thr_01"][1]["accuracy"],
+                                            -DECISION_SCORES.index(score)))
+
+
+def _calibrate_classifier(evidence: np.ndarray, labels: np.ndarray, guidance: dict) -> dict:
+    """thr_01 of the diffusion classifier; it takes w (and its record) from the forward score that chose it."""
+    from .calibration import calibrate_thr_01
+
+    score = "diffusion-classifier"
+    return {"score": score, "w": guidance["w"], "thr_01": calibrate_thr_01(evidence, labels, score),
+            "guidance": {**guidance["guidance"], "score": guidance["score"]}, "per_w": guidance["per_w"]}
+
+
 def _choose_decision(by_score: dict[str, dict], decision: str) -> tuple[dict, dict]:
-    """The decision score to keep, and a record of why: the paper's cosine unless the peak divergence is more
-    accurate on validation (at each score's chosen w), or the one the user forced."""
+    """The decision score to keep, and a record of why: the most accurate on validation (each forward score at its
+    own chosen w), or the one the user forced."""
     accuracy = {score: result["thr_01"][1]["accuracy"] for score, result in by_score.items()}
     if decision != "auto":
         chosen, method = decision, "given"
     else:
-        chosen = max(DECISION_SCORES, key=lambda score: (accuracy[score], score == "cosine"))
-        method = ("auto: the paper's cosine unless the peak divergence classifies the validation slices more "
-                  "accurately, each at its own chosen w")
+        chosen = _most_accurate(by_score)
+        method = ("auto: the decision that classifies the validation slices most accurately (the paper's cosine on "
+                  "ties), the forward-pass scores each at their own chosen w")
     return by_score[chosen], {"score": chosen, "method": method, "accuracy_at_chosen_w": accuracy}
 
 
@@ -97,8 +122,8 @@ def calibrate_model(model_path: str | os.PathLike[str], manifest: str | os.PathL
     """Calibrate the decision score, w, thr_01 and M_max of the model at ``model_path`` on the manifest's val split;
     write them into its model.json and return the calibration section.
 
-    ``decision``: "auto" (the paper's cosine unless the peak divergence is more accurate on validation), "cosine"
-    or "peak-divergence".
+    ``decision``: "auto" (the most accurate on validation, the paper's cosine on ties), "cosine", "peak-divergence"
+    or "diffusion-classifier".
 
     ``settings`` supplies the forward settings the values are calibrated for (t_max, stride, encoding, early_stop)
     and how to run (chunk_size, device, seed); its thresholds and overrides are not used.
@@ -121,9 +146,11 @@ def calibrate_model(model_path: str | os.PathLike[str], manifest: str | os.PathL
         raise InputError(f"all {len(labels)} validation slices are {kind}", path=table.path,
                          fix="put both healthy subjects and subjects with lesions in the val split")
     runs = run_forward(bundle, data.images, settings, w=grid, task="calibrating")
-    by_score = {score: _calibrate_score(score, runs, grid, labels) for score in DECISION_SCORES}
+    by_score = {score: _calibrate_score(score, runs, grid, labels) for score in FORWARD_SCORES}
+    guidance = by_score[decision if decision in FORWARD_SCORES else _most_accurate(by_score)]
+    evidence, classifier_evaluations = class_evidence(bundle, data.images, settings, task="calibrating: classifier")
+    by_score["diffusion-classifier"] = _calibrate_classifier(evidence, labels, guidance)
     kept, decision_record = _choose_decision(by_score, decision)
-    other = next(result for score, result in by_score.items() if score != kept["score"])
     w, (thr_01, thr_record) = kept["w"], kept["thr_01"]
     m_max, m_max_record = calibrate_m_max(runs[grid.index(w)].peak_divergence, labels)
     t_max = settings.resolved_t_max(bundle.schedule().num_timesteps)
@@ -151,10 +178,11 @@ def calibrate_model(model_path: str | os.PathLike[str], manifest: str | os.PathL
             "decision": decision_record,
             "per_w": kept["per_w"],
             "guidance": kept["guidance"],
-            "other_score": {key: other[key] for key in ("score", "w", "per_w")},
+            "other_scores": [{key: result[key] for key in ("score", "w", "per_w")} for score, result in
+                             by_score.items() if score != kept["score"]],
             "thr_01": thr_record,
             "m_max": m_max_record,
-            "network_evaluations": int(sum(run.network_evaluations for run in runs)),
+            "network_evaluations": int(sum(run.network_evaluations for run in runs)) + classifier_evaluations,
             "seconds": round(time.perf_counter() - started, 1),
         },
     }

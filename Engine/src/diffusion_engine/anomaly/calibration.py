@@ -5,9 +5,10 @@ a JSON-able record of how it was obtained, for the model bundle and the report.
 - thr_01 (code): candidates are the quantiles 0.005 .. 0.095 (100 evenly spaced) of the healthy slices' cosines;
   the candidate with the fewest misclassifications under the decision rule (unhealthy when cos <= thr_01) wins,
   the lowest quantile on ties (the code keeps the first strict minimum). The code counts a healthy slice as wrong
-  when cos < thr_01; here the count follows the rule actually applied (cos <= thr_01). For the peak-divergence
-  score (unhealthy when M_te >= thr_01) the mirror image: quantiles 0.995 .. 0.905 of the healthy M_te, so that
-  either rule calls at most about 9.5% of healthy validation slices unhealthy; ties go to the fewest false alarms.
+  when cos < thr_01; here the count follows the rule actually applied (cos <= thr_01). For the scores that call a
+  slice unhealthy when they are high (peak divergence, diffusion classifier) the mirror image: quantiles
+  0.995 .. 0.905 of the healthy values, so that every rule calls at most about 9.5% of healthy validation slices
+  unhealthy; ties go to the fewest false alarms.
 - M_max (paper, Algorithm 1): the largest M_te over the unhealthy validation slices, per modality.
 - Guidance strength (paper sec. 4.2): from the validation accuracy of the decision rule at each candidate w
   (each with its own calibrated thr_01), the largest w whose accuracy is at least 99% of the best accuracy.
@@ -52,7 +53,8 @@ def classification_accuracy(values: torch.Tensor | Sequence[float], labels: torc
 
 def calibrate_thr_01(values: torch.Tensor | Sequence[float], labels: torch.Tensor | Sequence[int],
                      score: str = "cosine") -> tuple[float, dict]:
-    """thr_01 from the validation slices' decision values (cosines, or M_te; one per slice) and image-level labels."""
+    """thr_01 from the validation slices' decision values (one per slice: cosines, M_te or the diffusion
+    classifier's evidence) and image-level labels."""
     values, labels, healthy, unhealthy = _values_and_labels(values, labels)
     levels = torch.linspace(THR01_QUANTILE_LOW, THR01_QUANTILE_HIGH, THR01_CANDIDATES, dtype=torch.float64)
     if check_score(score) == "cosine":  # unhealthy when value <= candidate

@@ -197,6 +197,19 @@ def _forward_pass(bundle: ModelBundle, data: SliceSet, settings: AnomalySettings
     return cache[key]
 
 
+def _classifier_pass(bundle: ModelBundle, data: SliceSet, settings: AnomalySettings, label: str,
+                     cache: dict[tuple, tuple[Any, float]]) -> tuple[tuple[np.ndarray, int], float]:
+    """((the diffusion classifier's evidence, its network evaluations), seconds), shared by every variant: it
+    depends on nothing but the slices and the seed."""
+    from .pipeline import class_evidence
+
+    key = ("diffusion-classifier", settings.seed)
+    if key not in cache:
+        started = time.perf_counter()
+        cache[key] = class_evidence(bundle, data.images, settings, task=label), time.perf_counter() - started
+    return cache[key]
+
+
 def _run_anofpdm(bundle: ModelBundle, data: SliceSet, base: AnomalySettings, variant: Variant, areas: np.ndarray,
                  split: str, extra: dict[str, Any], cache: dict[tuple, tuple[Any, float]]) -> MethodRun:
     import torch
@@ -208,21 +221,28 @@ def _run_anofpdm(bundle: ModelBundle, data: SliceSet, base: AnomalySettings, var
     settings = replace(base, decision=False, **changes).validate()
     values = resolve_values(bundle, settings, len(model_spec(bundle).scored))
     run, forward_seconds = _forward_pass(bundle, data, settings, values, f"{variant.label} ({split})", cache)
+    evidence, evaluations = None, 0
+    if values["decision_score"]["value"] == "diffusion-classifier":  # the mixed setting's decision needs it
+        (evidence, evaluations), classifier_seconds = _classifier_pass(
+            bundle, data, settings, f"{variant.label}: slice decision ({split})", cache)
+        forward_seconds += classifier_seconds
     started = time.perf_counter()
-    results = segment_from_forward(run, settings, values, brain=brain_pixels(data.images), pixel_area_mm2=areas)
+    results = segment_from_forward(run, settings, values, brain=brain_pixels(data.images), pixel_area_mm2=areas,
+                                   evidence=evidence)
     seconds = forward_seconds + time.perf_counter() - started
     thr_01 = results.values.get("thr_01", {}).get("value")
     if thr_01 is None:
         raise ModelError("the model has no calibrated thr_01, which the mixed setting needs", path=bundle.path,
                          fix="calibrate it with `diffusion-engine calibrate anomaly` or pass --thr-01")
     decided = decide(results.values["decision_score"]["value"], float(thr_01), torch.from_numpy(results.cosine),
-                     torch.from_numpy(results.m_te)).numpy()
+                     torch.from_numpy(results.m_te), None if evidence is None else torch.from_numpy(evidence)).numpy()
     all_masks = results.mask.astype(bool)
     mixed = mixed_setting_masks(torch.from_numpy(all_masks), torch.from_numpy(decided)).numpy()
     parameters = {"settings_changed": changes, "values": results.values, "timesteps": results.timesteps,
                   "median_t_e": float(np.median(results.t_e))}
     return MethodRun(variant=variant, score=results.score, all_masks=all_masks, mixed_masks=mixed,
-                     decided_unhealthy=decided, evaluations_per_slice=results.network_evaluations / len(data),
+                     decided_unhealthy=decided,
+                     evaluations_per_slice=(results.network_evaluations + evaluations) / len(data),
                      seconds=seconds, parameters=parameters, slice_results=results)
 
 

@@ -16,6 +16,8 @@ Defaults and why:
 - min_component_mm2 = 140.625: the authors' code drops components of <= 40 pixels on 128x128 BraTS slices, i.e.
   240 mm / 128 = 1.875 mm pixels; the area keeps that rule physical for any model size and field of view.
 - early_stop off: see AnomalySettings.early_stop.
+- The diffusion-classifier decision (classifier.py) runs its own pass only when it decides: with --no-decision, or
+  another decision score, it costs nothing.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from ..volume import (
     to_model_slices,
 )
 from ._checks import check_choice, check_int, check_real
+from .classifier import classifier_noise, classifier_timesteps, unhealthy_evidence
 from .decision import DECISION_SCORES, check_threshold, cosine_similarity, decide, mixed_setting_masks
 from .forward import CODE_T_MAX_FRACTION, ENCODINGS, ForwardStatistics, forward_statistics
 from .threshold import MAX_SMALL_COMPONENT, remove_small_components, segment
@@ -81,7 +84,8 @@ class AnomalySettings:
     threshold: float | None = None  # fixed absolute threshold on H instead of Algorithm 1
     quantile: float | None = None  # fixed quantile level of H instead of Algorithm 1's dynamic one
     decision: bool = True  # healthy/unhealthy decision per slice ("mixed" setting); False keeps every mask
-    decision_score: str | None = None  # "cosine" (paper) or "peak-divergence" (decision.py); None -> calibrated
+    decision_score: str | None = None  # "cosine" (paper), "peak-divergence", "diffusion-classifier" (decision.py);
+    # None -> calibrated
     thr_01: float | None = None  # decision threshold on that score; None -> calibrated
     m_max: float | list[float] | None = None  # Algorithm 1's M_max (one, or one per modality); None -> calibrated
     min_component_mm2: float = DEFAULT_MIN_COMPONENT_MM2  # components with at most this area are removed
@@ -94,7 +98,7 @@ class AnomalySettings:
     early_stop: bool = False
     chunk_size: int = 64  # slices per network batch; halved on out-of-memory
     device: str = "auto"  # "auto" (GPU when available), "cpu", "cuda", "cuda:1", "mps"
-    seed: int = 0  # DDPM encoding noise
+    seed: int = 0  # DDPM encoding noise and the diffusion classifier's noise
 
     def validate(self) -> AnomalySettings:
         """Raise InputError for a setting out of range; returns self."""
@@ -150,6 +154,7 @@ class SliceResults:
     quantile_level: np.ndarray | None  # [N, M] Algorithm 1's (or the fixed) quantile level; None: fixed threshold
     max_component_pixels: np.ndarray  # [N] int components of at most this many pixels were removed
     values: dict  # JSON-able: w, decision_score, thr_01, m_max used and where each came from
+    evidence: np.ndarray | None = None  # [N] float64 diffusion-classifier evidence, when that score decided
 
 
 @dataclass(eq=False)
@@ -181,6 +186,7 @@ class ModelSpec:
     normalisation: dict
     scored: list[int]  # channels the statistics are computed over
     healthy_label: int
+    unhealthy_label: int | None  # the class the diffusion classifier compares with; None when the model has none
 
 
 def model_spec(bundle: ModelBundle) -> ModelSpec:
@@ -217,9 +223,12 @@ def model_spec(bundle: ModelBundle) -> ModelSpec:
         raise ModelError(f"healthy_label {healthy!r} is not a class of the network", path=where,
                          fix="set labels.healthy_label in model.json to the healthy class index")
     size = (size, size) if isinstance(size, int) else tuple(size)
+    named = [int(key) for key, meaning in config["labels"].items() if meaning == "unhealthy" and key.isdigit()]
+    unhealthy = named[0] if named else 1 - healthy if net_config["num_classes"] == 2 else None
     return ModelSpec(modalities=tuple(modalities), image_size=(int(size[0]), int(size[1])),
                      normalisation=dict(prep.get("normalisation") or {"method": "anofpdm"}),
-                     scored=[modalities.index(m) for m in scored_names], healthy_label=healthy)
+                     scored=[modalities.index(m) for m in scored_names], healthy_label=healthy,
+                     unhealthy_label=unhealthy)
 
 
 def _calibration(bundle: ModelBundle) -> dict | None:
@@ -324,8 +333,8 @@ def _passed_peak(fixed_index: int | None) -> Callable[[int, torch.Tensor, torch.
     return finished
 
 
-def forward_in_chunks(compute: Callable[[slice, Callable[[], None]], ForwardStatistics], count: int, n_steps: int,
-                      chunk_size: int, task: str) -> list[tuple[slice, ForwardStatistics]]:
+def forward_in_chunks(compute: Callable[[slice, Callable[[], None]], Any], count: int, n_steps: int,
+                      chunk_size: int, task: str) -> list[tuple[slice, Any]]:
     """Run compute(rows, on_step) over consecutive slices of `count` rows, chunk by chunk.
 
     One progress tick per step of a chunk (cancellation is checked there). On out-of-memory the chunk size is
@@ -413,6 +422,15 @@ def _as_tensor(slices: np.ndarray | torch.Tensor, spec: ModelSpec) -> torch.Tens
     return data
 
 
+def _network_on(bundle: ModelBundle, device: str) -> tuple[torch.nn.Module, torch.device]:
+    """The bundle's eps network, moved to the resolved device (once)."""
+    resolved = resolve_device(device)
+    network = bundle.networks["eps"]
+    if next(network.parameters()).device != resolved:
+        network.to(resolved)
+    return network, resolved
+
+
 def run_forward(bundle: ModelBundle, slices: np.ndarray | torch.Tensor, settings: AnomalySettings, *,
                 w: float | Sequence[float], task: str) -> ForwardRun | list[ForwardRun]:
     """forward_statistics over all slices in chunks; with a sequence of w, one ForwardRun per w.
@@ -422,10 +440,7 @@ def run_forward(bundle: ModelBundle, slices: np.ndarray | torch.Tensor, settings
     """
     spec = model_spec(bundle)
     slices = _as_tensor(slices, spec)
-    device = resolve_device(settings.device)
-    network = bundle.networks["eps"]
-    if next(network.parameters()).device != device:
-        network.to(device)
+    network, device = _network_on(bundle, settings.device)
     schedule = bundle.schedule()
     t_max = settings.resolved_t_max(schedule.num_timesteps)
     check_int("t_max", t_max, low=1, high=schedule.num_timesteps)
@@ -466,6 +481,31 @@ def run_forward(bundle: ModelBundle, slices: np.ndarray | torch.Tensor, settings
         else:
             runs.extend(_split_sweep(parts, grid, len(ws)))
     return runs if sweep else runs[0]
+
+
+def class_evidence(bundle: ModelBundle, slices: np.ndarray | torch.Tensor, settings: AnomalySettings, *,
+                   task: str = "diffusion classifier") -> tuple[np.ndarray, int]:
+    """The diffusion classifier's evidence that each slice is unhealthy ([N] float64, classifier.py) and the
+    network evaluations it took, in chunks like the forward pass."""
+    spec = model_spec(bundle)
+    if spec.unhealthy_label is None:
+        raise ModelError("the model has no class labelled 'unhealthy' for the diffusion-classifier decision",
+                         path=bundle.path / "model.json",
+                         fix="use another decision score (--decision-score cosine), or name the class in "
+                             "model.json's labels (e.g. \"1\": \"unhealthy\")")
+    slices = _as_tensor(slices, spec)
+    network, device = _network_on(bundle, settings.device)
+    schedule = bundle.schedule()
+    timesteps = classifier_timesteps(schedule.num_timesteps)
+    noise = classifier_noise(slices.shape[1:], len(timesteps), settings.seed, device)
+
+    def compute(rows: slice, on_step: Callable[[], None]) -> torch.Tensor:
+        return unhealthy_evidence(network, schedule, slices[rows].to(device), healthy_label=spec.healthy_label,
+                                  unhealthy_label=spec.unhealthy_label, timesteps=timesteps, noise=noise,
+                                  on_step=on_step).cpu()
+
+    parts = forward_in_chunks(compute, slices.shape[0], len(timesteps), settings.chunk_size, task)
+    return torch.cat([part for _, part in parts]).numpy(), 2 * len(timesteps) * slices.shape[0]
 
 
 class GuidanceSweep:
@@ -539,7 +579,12 @@ def segment_slices(bundle: ModelBundle, slices: np.ndarray | torch.Tensor, setti
     data = _as_tensor(slices, spec)
     values = resolve_values(bundle, settings, len(spec.scored))
     run = run_forward(bundle, data, settings, w=values["w"]["value"], task=task)
-    return segment_from_forward(run, settings, values, brain=brain_pixels(data.numpy()), pixel_area_mm2=pixel_area_mm2)
+    evidence = None
+    if settings.decision and values["decision_score"]["value"] == "diffusion-classifier":
+        evidence, evaluations = class_evidence(bundle, data, settings, task=f"{task}: slice decision")
+        run.network_evaluations += evaluations
+    return segment_from_forward(run, settings, values, brain=brain_pixels(data.numpy()), pixel_area_mm2=pixel_area_mm2,
+                                evidence=evidence)
 
 
 # settings that change the forward pass itself; the others only post-process its statistics
@@ -547,9 +592,11 @@ FORWARD_PASS_KEYS = ("w", "t_max", "stride", "encoding", "noise_scale", "early_s
 
 
 def segment_from_forward(run: ForwardRun, settings: AnomalySettings, values: dict, *, brain: np.ndarray,
-                         pixel_area_mm2: float | np.ndarray | None = None) -> SliceResults:
+                         pixel_area_mm2: float | np.ndarray | None = None,
+                         evidence: np.ndarray | None = None) -> SliceResults:
     """Decision, anomaly map, Algorithm-1 threshold and masks from one forward pass; ``values`` as resolve_values
-    gives them. Settings outside FORWARD_PASS_KEYS can change here without a new pass.
+    gives them. Settings outside FORWARD_PASS_KEYS can change here without a new pass. ``evidence``
+    (class_evidence) is needed when the diffusion classifier decides.
 
     Masks are kept inside ``brain`` [N, H, W] (metrics.brain_pixels of the input slices), as the baselines' are:
     the map also lights up where the crop or padding meets the head, and a lesion outside the brain is no finding.
@@ -557,7 +604,8 @@ def segment_from_forward(run: ForwardRun, settings: AnomalySettings, values: dic
     count = run.peak_step.shape[0]
     cosine = cosine_similarity(run.mse_healthy, run.mse_reference)
     if settings.decision:
-        unhealthy = decide(values["decision_score"]["value"], values["thr_01"]["value"], cosine, run.peak_divergence)
+        unhealthy = decide(values["decision_score"]["value"], values["thr_01"]["value"], cosine, run.peak_divergence,
+                           None if evidence is None else torch.from_numpy(evidence))
     else:
         unhealthy = torch.ones(cosine.shape, dtype=torch.bool)
     maps = run.aggregated if settings.aggregation == "mean" else run.last_sam
@@ -579,7 +627,7 @@ def segment_from_forward(run: ForwardRun, settings: AnomalySettings, values: dic
         timesteps=list(run.timesteps), network_evaluations=int(run.network_evaluations),
         end_step=run.end_step.numpy(), steps_run=run.steps_run.numpy(),
         quantile_level=None if result.levels is None else result.levels.numpy(), max_component_pixels=limits,
-        values=values)
+        values=values, evidence=evidence)
 
 
 # ------------------------------------------------------------------------------------------------ volumes
@@ -676,6 +724,7 @@ def _report(bundle: ModelBundle, case: Any, settings: AnomalySettings, results: 
             "t_e": [int(v) for v in results.t_e[i]], "m_te": [float(v) for v in results.m_te[i]],
             "aggregation_end": [int(v) for v in results.end_step[i]], "threshold": float(results.threshold[i]),
             "cosine": float(results.cosine[i]), "unhealthy": bool(results.unhealthy[i]),
+            **({} if results.evidence is None else {"classifier_evidence": float(results.evidence[i])}),
             "lesion_pixels_model": int(results.mask[i].sum()), "lesion_voxels": int(per_slice_voxels[canonical]),
             "steps_run": int(results.steps_run[i]),
         })

@@ -13,6 +13,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+# anomaly.decision.DECISION_SCORES, spelled here so --help needs no torch
+DECISION_SCORES = ("cosine", "peak-divergence", "diffusion-classifier")
+
 FAST_STRIDE = 60
 ACCURATE_STRIDE = 1
 
@@ -81,12 +84,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     values.add_argument("--w", type=float, default=None,
                         help="guidance strength: how strongly the model is pushed towards 'healthy' (paper: 2 on "
                              "BraTS, 30 on ATLAS)")
-    values.add_argument("--decision-score", choices=("cosine", "peak-divergence"), default=None,
+    values.add_argument("--decision-score", choices=DECISION_SCORES, default=None,
                         help="what decides whether a slice holds a lesion: the paper's cosine similarity of the "
-                             "error curves, or the peak divergence M_te (default: the one calibrated)")
+                             "error curves, the peak divergence M_te, or the diffusion classifier (does the model's "
+                             "'unhealthy' or 'healthy' condition denoise the slice better; 12 more network "
+                             "evaluations per slice) (default: the one calibrated)")
     values.add_argument("--thr-01", type=float, default=None,
                         help="decision threshold: with the cosine, slices at or below it (-1 to 1) are called "
-                             "unhealthy; with the peak divergence, slices at or above it")
+                             "unhealthy; with the other scores, slices at or above it")
     values.add_argument("--m-max", type=_floats, default=None,
                         help="largest divergence seen on lesion slices, one value or one per modality "
                              "(comma-separated); scales the per-slice threshold")

@@ -8,7 +8,7 @@ import argparse
 import sys
 
 from .aging import COMPOSITIONS
-from .anomaly import _floats, add_forward_options, add_run_options, settings_from_args
+from .anomaly import DECISION_SCORES, _floats, add_forward_options, add_run_options, settings_from_args
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -21,8 +21,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="For each guidance strength of the grid, run the forward process on the validation slices and "
                     "measure how well the healthy/unhealthy decision separates them; keep the largest w within 99% "
                     "of the best accuracy (paper sec. 4.2), with its decision threshold and M_max (Algorithm 1). "
-                    "The decision is the paper's cosine rule unless the peak divergence M_te classifies the "
-                    "validation slices more accurately (--decision auto), or the one given. "
+                    "The slice decision is the most accurate on the validation slices of the paper's cosine rule, "
+                    "the peak divergence M_te and the diffusion classifier (--decision auto; the cosine on ties), "
+                    "or the one given; w comes from the more accurate of the first two. "
                     "Only image-level labels are used: a slice is unhealthy if its subject is not healthy and, when "
                     "the manifest gives a lesion mask, the slice holds a lesion voxel. Run `diffusion-engine "
                     "anomaly` later with the same forward-process options.")
@@ -30,9 +31,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     anomaly.add_argument("--manifest", required=True, help="manifest.csv; the 'val' split is used")
     anomaly.add_argument("--w-grid", type=_floats, default=None,
                          help="comma-separated guidance strengths to try (default 0,1,2,3,5,10,20,30)")
-    anomaly.add_argument("--decision", choices=("auto", "cosine", "peak-divergence"), default="auto",
-                         help="slice decision score: the paper's cosine, the peak divergence M_te, or auto (the more "
-                              "accurate on validation; ties keep the cosine; default)")
+    anomaly.add_argument("--decision", choices=("auto", *DECISION_SCORES), default="auto",
+                         help="slice decision score: the paper's cosine, the peak divergence M_te, the diffusion "
+                              "classifier, or auto (the most accurate on validation; ties keep the cosine; default)")
     add_forward_options(anomaly)
     add_run_options(anomaly)
     anomaly.set_defaults(run=run_anomaly)

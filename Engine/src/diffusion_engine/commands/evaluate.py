@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from .aging import COMPOSITIONS, PRECISION_HELP, PRECISIONS, VARIANCE_SLICES_HELP
+from .anomaly import DECISION_SCORES
 
 VARIANT_KEYS = ("anofpdm", "anofpdm_ddpm", "last_sam", "fixed_noise", "fixed_threshold", "reconstruction",
                 "intensity")  # anomaly.evaluate.VARIANTS, listed here so that --help needs no torch
@@ -36,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     anomaly.add_argument("--t-max", type=int, default=None, help="AnoFPDM forward steps (default: the calibration's, "
                                                                  "else 0.6 T)")
     anomaly.add_argument("--w", type=float, default=None, help="guidance strength (default: calibrated)")
-    anomaly.add_argument("--decision-score", choices=("cosine", "peak-divergence"), default=None,
+    anomaly.add_argument("--decision-score", choices=DECISION_SCORES, default=None,
                          help="slice decision of the mixed setting (default: calibrated)")
     anomaly.add_argument("--thr-01", type=float, default=None, help="decision threshold (default: calibrated)")
     anomaly.add_argument("--m-max", type=float, nargs="+", default=None, help="Algorithm 1's M_max (default: "
