@@ -23,7 +23,7 @@ for difficulty in standard hard; do
     run diffusion-engine phantoms anomaly --out "test-$difficulty" --subjects 13 --spacing 2 --seed "$seed" \
         --difficulty "$difficulty" --split 0.08,0.31,0.61 --overwrite
 done
-# --decision cosine: these results predate the peak-divergence decision (now the bundled model's, anomaly_demo.sh)
+# --decision cosine: these results predate the other slice decisions (the bundled model's is chosen in anomaly_demo.sh)
 run diffusion-engine calibrate anomaly --model model --manifest calibration/manifest.csv --device cpu --decision cosine
 demo="$(python -c 'from diffusion_engine.anomaly.pipeline import DEMO_MODEL; print(DEMO_MODEL)')"
 # Which w do the slice scores favour (image-level labels only)? Both models, the full w grid.
@@ -37,7 +37,7 @@ for pair in "model:30:w30" "model:10:w10" "$demo:10:demo-w10"; do
     run diffusion-engine calibrate anomaly --model "model-$name" --manifest calibration/manifest.csv --device cpu \
         --w-grid "$w" --decision cosine
 done
-# The peak-divergence decision (calibrate anomaly's default "auto" picks it for this model): the full grid, where
+# The peak-divergence decision (more accurate than the cosine on this model's validation slices): the full grid, where
 # the paper's accuracy rule, applied to this decision, picks w = 10
 rm -rf model-peak-divergence && cp -r model model-peak-divergence
 run diffusion-engine calibrate anomaly --model model-peak-divergence --manifest calibration/manifest.csv \
