@@ -256,6 +256,19 @@ def test_results_land_on_the_input_grid(oblique_run: tuple) -> None:
     assert report["settings"]["thr_01"] == 1.0 and report["settings"]["quantile"] == 0.5
 
 
+def test_the_slice_table_shows_the_diffusion_classifiers_evidence(tiny_model: Path) -> None:
+    _scene, volume = _scene_with_volume(_matrix(np.eye(3), (2.0, 2.0, 2.0), (0.0, 0.0, 0.0)))
+    extra = ("--quantile", "0.5", "--decision-score", "diffusion-classifier")
+    results = AnomalyLogic().process(volume, model=str(tiny_model), **{**RUN, "thr_01": -1.0, "extra_args": extra})
+    table = results.slice_table.GetTable()
+    columns = [table.GetColumnName(c) for c in range(table.GetNumberOfColumns())]
+    assert "classifier evidence" in columns  # only when that score decided (the cosine runs have no such column)
+    evidence = table.GetColumnByName("classifier evidence")
+    assert [evidence.GetValue(r) for r in range(table.GetNumberOfRows())] == pytest.approx(
+        [row["classifier_evidence"] for row in results.report["slices"]])
+    assert all(row["unhealthy"] for row in results.report["slices"])  # every evidence is >= -1
+
+
 def test_rerun_replaces_outputs_and_cancel_leaves_the_scene_alone(tiny_model: Path, oblique_run: tuple) -> None:
     scene, volume, before, first = oblique_run
     logic = AnomalyLogic()
