@@ -8,6 +8,7 @@ core functions by hand, numpy/scipy, or closed forms of a hand-made network.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -21,7 +22,7 @@ from scipy import ndimage
 
 from diffusion_engine import cli
 from diffusion_engine.anomaly import pipeline
-from diffusion_engine.anomaly.calibrate import DEFAULT_W_GRID
+from diffusion_engine.anomaly.calibrate import DEFAULT_W_GRID, calibrate_model
 from diffusion_engine.anomaly.calibration import calibrate_thr_01
 from diffusion_engine.anomaly.decision import DECISION_SCORES, cosine_similarity, decision_values
 from diffusion_engine.anomaly.forward import forward_statistics
@@ -397,6 +398,19 @@ def test_calibrate_then_segment_with_the_calibration(anomaly_model: Path, anomal
     assert calibration["decision_score"] == other and calibration["record"]["decision"]["method"] == "given"
     result = segment_anomalies(model, case, AnomalySettings(**SHORT, device="cpu"))
     assert result.report["values"]["decision_score"] == {"value": other, "source": "calibration"}
+    # a model without an "unhealthy" class still calibrates the forward-pass decisions; the classifier is refused
+    from diffusion_engine.anomaly import calibrate as calibrate_module
+
+    original = pipeline.model_spec
+    for module in (pipeline, calibrate_module):
+        monkeypatch.setattr(module, "model_spec", lambda b: dataclasses.replace(original(b), unhealthy_label=None))
+    short = {"w_grid": [0.0, 2.0], "settings": AnomalySettings(**SHORT, device="cpu")}
+    record = calibrate_model(model, manifest, **short)["record"]
+    assert set(record["decision"]["accuracy_at_chosen_w"]) == {"cosine", "peak-divergence"}
+    with pytest.raises(ModelError, match="no class labelled 'unhealthy'"):
+        calibrate_model(model, manifest, decision="diffusion-classifier", **short)
+    monkeypatch.undo()
+
     # the diffusion classifier's own pass: 12 evaluations per slice on top of the forward pass's, evidence reported
     result = segment_anomalies(model, case, AnomalySettings(**SHORT, decision_score="diffusion-classifier",
                                                             thr_01=0.0, device="cpu"))

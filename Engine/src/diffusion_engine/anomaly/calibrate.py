@@ -148,8 +148,12 @@ def calibrate_model(model_path: str | os.PathLike[str], manifest: str | os.PathL
     runs = run_forward(bundle, data.images, settings, w=grid, task="calibrating")
     by_score = {score: _calibrate_score(score, runs, grid, labels) for score in FORWARD_SCORES}
     guidance = by_score[decision if decision in FORWARD_SCORES else _most_accurate(by_score)]
-    evidence, classifier_evaluations = class_evidence(bundle, data.images, settings, task="calibrating: classifier")
-    by_score["diffusion-classifier"] = _calibrate_classifier(evidence, labels, guidance)
+    classifier_evaluations = 0
+    # a model without an "unhealthy" class cannot run the classifier; it is an error only when that is asked for
+    if spec.unhealthy_label is not None or decision == "diffusion-classifier":
+        evidence, classifier_evaluations = class_evidence(bundle, data.images, settings,
+                                                          task="calibrating: classifier")
+        by_score["diffusion-classifier"] = _calibrate_classifier(evidence, labels, guidance)
     kept, decision_record = _choose_decision(by_score, decision)
     w, (thr_01, thr_record) = kept["w"], kept["thr_01"]
     m_max, m_max_record = calibrate_m_max(runs[grid.index(w)].peak_divergence, labels)
