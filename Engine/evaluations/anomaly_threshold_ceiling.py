@@ -22,13 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from diffusion_engine.anomaly.evaluate import run_evaluation
+from diffusion_engine.metrics import dice
 
 LEVELS = np.linspace(0.0, 1.0, 201)  # candidate thresholds: quantiles of a slice's map (per-slice oracle)
-
-
-def dice(mask: np.ndarray, truth: np.ndarray) -> float:
-    total = np.count_nonzero(mask) + np.count_nonzero(truth)
-    return 1.0 if total == 0 else 2.0 * np.count_nonzero(mask & truth) / total
 
 
 def per_slice_best(score: np.ndarray, truth: np.ndarray) -> float:
@@ -39,9 +35,9 @@ def per_slice_best(score: np.ndarray, truth: np.ndarray) -> float:
 def global_best(scores: np.ndarray, truths: np.ndarray) -> tuple[float, float]:
     """(mean per-slice Dice, threshold) of the best single threshold for every slice."""
     candidates = np.unique(np.quantile(scores[scores > 0], np.linspace(0.5, 0.999, 200)))
-    means = [np.mean([dice(s >= c, t) for s, t in zip(scores, truths, strict=True)]) for c in candidates]
+    means = [float(np.mean(dice(scores >= c, truths, per_slice=True))) for c in candidates]
     best = int(np.argmax(means))
-    return float(means[best]), float(candidates[best])
+    return means[best], float(candidates[best])
 
 
 def ceiling_rows(model: str, manifest: str, split: str) -> list[str]:
@@ -49,7 +45,7 @@ def ceiling_rows(model: str, manifest: str, split: str) -> list[str]:
     run = evaluation.runs[0]
     lesion = evaluation.truth.reshape(len(evaluation.truth), -1).any(axis=1)
     scores, truths = run.score[lesion], evaluation.truth[lesion]
-    engine = np.mean([dice(m, t) for m, t in zip(run.all_masks[lesion], truths, strict=True)])
+    engine = run.metrics["unhealthy"]["dice"]  # what `evaluate anomaly` reports
     single, threshold = global_best(scores, truths)
     own = np.mean([per_slice_best(s, t) for s, t in zip(scores, truths, strict=True)])
     return [f"| {model} | {lesion.sum()} | {100 * engine:.1f} | {100 * single:.1f} (H >= {threshold:.3g}) | "
