@@ -38,6 +38,30 @@ def test_train_command_writes_a_loadable_bundle(anomaly_cohort: Path, tmp_path: 
     assert net(x, torch.tensor([5, 5]), torch.tensor([0, -1])).shape == x.shape
 
 
+def test_extra_input_modalities_are_fed_but_not_scored(anomaly_cohort: Path, tmp_path: Path) -> None:
+    from diffusion_engine.anomaly.pipeline import model_spec
+
+    out = tmp_path / "model"
+    code = cli.main(["--progress", "none", "train", "anomaly", "--manifest", str(anomaly_cohort), "--out", str(out),
+                     "--image-size", "32", "--steps", "1", "--batch-size", "4", "--warmup-steps", "1",
+                     "--modalities", "flair,t1,t2", "--score-modalities", "flair,t2", "--device", "cpu"])
+    assert code == 0
+    bundle = load_bundle(out, kind="anomaly")
+    assert bundle.config["preprocessing"]["score_modalities"] == ["flair", "t2"]
+    spec = model_spec(bundle)
+    assert spec.modalities == ("flair", "t1", "t2") and spec.scored == [0, 2]
+    assert bundle.networks["eps"](torch.zeros(1, 3, 32, 32), torch.tensor([5]), torch.tensor([0])).shape[1] == 3
+
+
+@pytest.mark.parametrize("scored", [("t1",), (), ("flair", "flair")])
+def test_training_refuses_score_modalities_outside_the_inputs(tmp_path: Path, anomaly_cohort: Path,
+                                                              scored: tuple[str, ...]) -> None:
+    from diffusion_engine.anomaly.training import train_anomaly_model
+
+    with pytest.raises(InputError, match=r"score modalities .* must be distinct and among the modalities"):
+        train_anomaly_model(anomaly_cohort, tmp_path / "model", score_modalities=scored)
+
+
 def test_training_refuses_a_manifest_without_labels(tmp_path: Path, anomaly_cohort: Path) -> None:
     text = anomaly_cohort.read_text().splitlines()
     header = text[0].split(",")

@@ -57,13 +57,19 @@ def balanced_batches(data: SliceSet, batch_size: int, num_timesteps: int, p_unco
 
 
 def train_anomaly_model(manifest: str | Path, out: str | Path, *, modalities: Sequence[str] = ("flair", "t2"),
-                        preset: str = "tiny", image_size: int = 64, p_uncond: float = 0.1,
-                        dropout: float | None = None, settings: TrainSettings | None = None,
+                        score_modalities: Sequence[str] | None = None, preset: str = "tiny", image_size: int = 64,
+                        p_uncond: float = 0.1, dropout: float | None = None, settings: TrainSettings | None = None,
                         work_dir: str | Path | None = None, num_timesteps: int = 1000,
                         half_precision: bool = False) -> Path:
     """Train on the manifest's ``train`` split (image-level labels only) and write a model bundle to ``out``;
-    ``half_precision`` stores the weights as float16 (half the size; the loader computes in float32)."""
+    ``half_precision`` stores the weights as float16 (half the size; the loader computes in float32);
+    ``score_modalities`` (default: all of ``modalities``) are the channels whose anomaly maps are scored, the others
+    are network input only."""
     settings = settings or TrainSettings()
+    scored = list(modalities if score_modalities is None else score_modalities)
+    if not scored or len(set(scored)) != len(scored) or not set(scored) <= set(modalities):
+        raise InputError(f"score modalities {scored} must be distinct and among the modalities {list(modalities)}",
+                         fix="name one or more of the training modalities, e.g. flair,t2")
     for what, value, fix in (("label dropout probability", p_uncond, "use e.g. 0.1"),
                              ("network dropout", dropout, "use e.g. 0.1, or leave it to the preset")):
         if value is not None and not 0.0 <= value < 1.0:
@@ -95,7 +101,8 @@ def train_anomaly_model(manifest: str | Path, out: str | Path, *, modalities: Se
                "final_loss": history[-1]["loss"] if history else None, "loss_history": history,
                "weights_dtype": "float16" if half_precision else "float32"}
     preprocessing = {"modalities": list(modalities), "image_size": [image_size, image_size],
-                     "normalisation": normalisation.to_dict()}
+                     "normalisation": normalisation.to_dict(),
+                     **({} if scored == list(modalities) else {"score_modalities": scored})}
     network = network.cpu().half() if half_precision else network.cpu()
     return save_bundle(out, {"eps": network}, kind="anomaly", schedule=schedule, preprocessing=preprocessing,
                        labels={**LABELS, "healthy_label": 0}, training=summary)

@@ -44,6 +44,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_common(anomaly, steps=4000, batch_size=32)
     anomaly.add_argument("--modalities", default="flair,t2",
                          help=f"comma-separated modality columns to use, among {', '.join(MODALITIES)}")
+    anomaly.add_argument("--score-modalities", default=None,
+                         help="comma-separated modalities whose anomaly maps are scored, among --modalities (default: "
+                              "all of them); the others are network input only, as the paper's code feeds T1 and T1ce "
+                              "but scores FLAIR and T2")
     anomaly.add_argument("--p-uncond", type=float, default=0.1, help="probability of dropping the label (CFG)")
     anomaly.add_argument("--dropout", type=float, default=None,
                          help="dropout in the UNet's residual blocks (default: the preset's; the paper uses 0.1)")
@@ -107,11 +111,17 @@ def _settings(args: argparse.Namespace) -> Any:
                          device=str(resolve_device(args.device)))
 
 
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
 def run_anomaly(args: argparse.Namespace) -> dict[str, str]:
     from ..anomaly.training import train_anomaly_model
 
-    modalities = tuple(m.strip() for m in args.modalities.split(",") if m.strip())
-    out = train_anomaly_model(args.manifest, args.out, modalities=modalities, preset=args.preset,
+    modalities = _names(args.modalities)
+    scored = _names(args.score_modalities) if args.score_modalities else None
+    out = train_anomaly_model(args.manifest, args.out, modalities=modalities, score_modalities=scored,
+                              preset=args.preset,
                               image_size=args.image_size, p_uncond=args.p_uncond, dropout=args.dropout,
                               settings=_settings(args), half_precision=args.half,
                               work_dir=Path(args.work_dir) if args.work_dir else None)
