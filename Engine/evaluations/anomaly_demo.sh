@@ -13,14 +13,8 @@ run() { echo "+ $*" >&2; "$@"; }
 run diffusion-engine phantoms anomaly --out train --subjects 100 --spacing 2 --seed 21 --difficulty mixed --overwrite
 run diffusion-engine train anomaly --manifest train/manifest.csv --out model --preset tiny --image-size 64 \
     --steps 2000 --batch-size 16 --lr 4e-4 --ema 0.998 --seed 0 --device cpu
-run diffusion-engine phantoms anomaly --out calibration --subjects 10 --spacing 2 --seed 31 --difficulty mixed \
-    --split 0.1,0.8,0.1 --overwrite
+source "$here/anomaly_cohorts.sh" && make_evaluation_cohorts  # calibration and test cohorts
 run diffusion-engine calibrate anomaly --model model --manifest calibration/manifest.csv --device cpu
-for difficulty in standard hard; do
-    seed=$([ "$difficulty" = standard ] && echo 101 || echo 102)
-    run diffusion-engine phantoms anomaly --out "test-$difficulty" --subjects 13 --spacing 2 --seed "$seed" \
-        --difficulty "$difficulty" --split 0.08,0.31,0.61 --overwrite
-done
 # The hard cohort is the one where hyperintensity alone fails: every method there. Two processes (one per core):
 # the reconstruction baseline alone costs as much as three AnoFPDM passes.
 evaluate() { run env OMP_NUM_THREADS=1 diffusion-engine --progress none evaluate anomaly --model model --split test --val-split val \

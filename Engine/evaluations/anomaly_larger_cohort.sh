@@ -15,14 +15,8 @@ run() { echo "+ $*" >&2; "$@"; }
 run diffusion-engine phantoms anomaly --out train --subjects 400 --spacing 2 --seed 21 --difficulty mixed --overwrite
 run diffusion-engine train anomaly --manifest train/manifest.csv --out model --preset tiny --image-size 64 \
     --steps 8000 --batch-size 16 --lr 4e-4 --ema 0.999 --dropout 0.1 --checkpoint-every 2000 --seed 0 --device cpu
-# the demo model's calibration and test cohorts (same seeds and sizes as anomaly_demo.sh)
-run diffusion-engine phantoms anomaly --out calibration --subjects 10 --spacing 2 --seed 31 --difficulty mixed \
-    --split 0.1,0.8,0.1 --overwrite
-for difficulty in standard hard; do
-    seed=$([ "$difficulty" = standard ] && echo 101 || echo 102)
-    run diffusion-engine phantoms anomaly --out "test-$difficulty" --subjects 13 --spacing 2 --seed "$seed" \
-        --difficulty "$difficulty" --split 0.08,0.31,0.61 --overwrite
-done
+# the demo model's calibration and test cohorts (anomaly_cohorts.sh)
+source "$here/anomaly_cohorts.sh" && make_evaluation_cohorts
 # --decision cosine: these results predate the other slice decisions (the bundled model's is chosen in anomaly_demo.sh)
 run diffusion-engine calibrate anomaly --model model --manifest calibration/manifest.csv --device cpu --decision cosine
 demo="$(python -c 'from diffusion_engine.anomaly.pipeline import DEMO_MODEL; print(DEMO_MODEL)')"
@@ -64,18 +58,7 @@ for pair in "$demo:demo" "model-peak-divergence:peak-divergence" "model-auto:aut
     run diffusion-engine --progress none anomaly --model "$model" --input demo --no-decision --device cpu \
         --output-label "demo-$name-no-decision.nii.gz"
 done
-python - "$results/demo-case.md" <<'EOF'
-import sys
-import numpy as np
-import SimpleITK as sitk
-from diffusion_engine.demo import ground_truth
-truth = sitk.GetArrayFromImage(sitk.ReadImage(str(ground_truth("anomaly")))) > 0
-lines = ["| model | decision | Dice | label voxels | true lesion voxels |", "| --- | --- | ---: | ---: | ---: |"]
-for name in ("demo", "peak-divergence", "auto"):
-    for suffix, decision in (("", "on"), ("-no-decision", "off")):
-        label = sitk.GetArrayFromImage(sitk.ReadImage(f"demo-{name}{suffix}.nii.gz")) > 0
-        dice = 2 * np.count_nonzero(label & truth) / (np.count_nonzero(label) + np.count_nonzero(truth))
-        lines.append(f"| {name} | {decision} | {dice:.3f} | {np.count_nonzero(label)} | {np.count_nonzero(truth)} |")
-open(sys.argv[1], "w").write("\n".join(["# The bundled demo case: whole-volume Dice", "", *lines, ""]))
-print("\n".join(lines))
-EOF
+run python "$here/anomaly_demo_case_dice.py" --out "$results/demo-case.md" "demo, decision on=demo-demo.nii.gz" \
+    "demo, decision off=demo-demo-no-decision.nii.gz" "peak-divergence, decision on=demo-peak-divergence.nii.gz" \
+    "peak-divergence, decision off=demo-peak-divergence-no-decision.nii.gz" "auto, decision on=demo-auto.nii.gz" \
+    "auto, decision off=demo-auto-no-decision.nii.gz"

@@ -28,7 +28,7 @@ from DiffusionAnomalyLib import sample_data  # noqa: E402
 from DiffusionAnomalyLib.engine import UserError  # noqa: E402
 
 EXPECTED_NODES = {"flair": ("DemoTumour FLAIR", False), "t2": ("DemoTumour T2", False),
-                  "mask": ("DemoTumour lesion (ground truth)", True)}
+                  "t1": ("DemoTumour T1", False), "mask": ("DemoTumour lesion (ground truth)", True)}
 
 
 def _case() -> dict:
@@ -78,9 +78,9 @@ def test_sample_data_arguments(anomaly_source: sample_data.DemoSource) -> None:
     arguments = anomaly_source.sample_data_arguments()
     assert arguments["category"] == "Generative brain MRI" and arguments["sampleName"] == "DemoTumour"
     assert arguments["nodeNames"] == [name for name, _ in EXPECTED_NODES.values()]
-    assert arguments["loadFileType"] == ["VolumeFile"] * 3
+    assert arguments["loadFileType"] == ["VolumeFile"] * len(EXPECTED_NODES)
     assert arguments["thumbnailFileName"] == str(THUMBNAIL) and THUMBNAIL.is_file()
-    assert len(set(arguments["fileNames"])) == 3
+    assert len(set(arguments["fileNames"])) == len(EXPECTED_NODES)
     for uri, volume, checksum in zip(arguments["uris"], anomaly_source.volumes, arguments["checksums"], strict=True):
         assert uri.startswith("file://")
         assert Path(urllib.request.url2pathname(uri[len("file://"):])) == volume.path
@@ -170,7 +170,7 @@ def test_registration_adds_one_button_per_case(anomaly_source: sample_data.DemoS
 def test_loader_passes_names_and_label_flag(anomaly_source: sample_data.DemoSource) -> None:
     calls = []
     loaded = sample_data.load_demo(anomaly_source, lambda path, properties: calls.append((path, properties)) or path)
-    assert list(loaded) == ["flair", "t2", sample_data.MASK]
+    assert list(loaded) == list(EXPECTED_NODES)
     assert [(Path(p), props["name"], props["labelmap"]) for p, props in calls] == [
         (v.path, v.node_name, v.label_map) for v in anomaly_source.volumes]
 
